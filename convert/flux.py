@@ -1,0 +1,129 @@
+"""FLUX layouts: the config a BFL checkpoint implies, and the Diffusers -> BFL key map.
+
+BFL keys are ours. Diffusers splits the fused projections (`qkv` into `to_q/to_k/to_v`, the
+single block's `linear1` into `to_q/to_k/to_v/proj_mlp`) and stores the final adaLN as
+(scale, shift) where BFL has (shift, scale). Facts: ../shared/FORMATS.md sections 1-2.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mmdit.flux import PRESETS, FluxParams
+
+from .files import CheckpointError
+from .mapping import KeyMap
+
+PROBE_BFL = "double_blocks.0.img_attn.qkv.weight"
+PROBE_DIFFUSERS = "single_transformer_blocks.0.attn.to_q.weight"
+
+_B = r"transformer_blocks\.(\d+)\."
+_S = r"single_transformer_blocks\.(\d+)\."
+_W = r"(weight|bias)"
+
+DIFFUSERS_TO_BFL = KeyMap(
+    renames=[
+        (rf"x_embedder\.{_W}", r"img_in.\1"),
+        (rf"context_embedder\.{_W}", r"txt_in.\1"),
+        (rf"time_text_embed\.timestep_embedder\.linear_1\.{_W}", r"time_in.in_layer.\1"),
+        (rf"time_text_embed\.timestep_embedder\.linear_2\.{_W}", r"time_in.out_layer.\1"),
+        (rf"time_text_embed\.text_embedder\.linear_1\.{_W}", r"vector_in.in_layer.\1"),
+        (rf"time_text_embed\.text_embedder\.linear_2\.{_W}", r"vector_in.out_layer.\1"),
+        (rf"time_text_embed\.guidance_embedder\.linear_1\.{_W}", r"guidance_in.in_layer.\1"),
+        (rf"time_text_embed\.guidance_embedder\.linear_2\.{_W}", r"guidance_in.out_layer.\1"),
+        (rf"{_B}norm1\.linear\.{_W}", r"double_blocks.\1.img_mod.lin.\2"),
+        (rf"{_B}norm1_context\.linear\.{_W}", r"double_blocks.\1.txt_mod.lin.\2"),
+        (rf"{_B}attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
+        (rf"{_B}attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
+        (rf"{_B}attn\.norm_added_q\.weight", r"double_blocks.\1.txt_attn.norm.query_norm.scale"),
+        (rf"{_B}attn\.norm_added_k\.weight", r"double_blocks.\1.txt_attn.norm.key_norm.scale"),
+        (rf"{_B}attn\.to_out\.0\.{_W}", r"double_blocks.\1.img_attn.proj.\2"),
+        (rf"{_B}attn\.to_add_out\.{_W}", r"double_blocks.\1.txt_attn.proj.\2"),
+        (rf"{_B}ff\.net\.0\.proj\.{_W}", r"double_blocks.\1.img_mlp.0.\2"),
+        (rf"{_B}ff\.net\.2\.{_W}", r"double_blocks.\1.img_mlp.2.\2"),
+        (rf"{_B}ff_context\.net\.0\.proj\.{_W}", r"double_blocks.\1.txt_mlp.0.\2"),
+        (rf"{_B}ff_context\.net\.2\.{_W}", r"double_blocks.\1.txt_mlp.2.\2"),
+        (rf"{_S}norm\.linear\.{_W}", r"single_blocks.\1.modulation.lin.\2"),
+        (rf"{_S}attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
+        (rf"{_S}attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
+        (rf"{_S}proj_out\.{_W}", r"single_blocks.\1.linear2.\2"),
+        (rf"proj_out\.{_W}", r"final_layer.linear.\1"),
+        (rf"norm_out\.linear\.{_W}", r"final_layer.adaLN_modulation.1.\1"),
+    ],
+    fused=[
+        *[(rf"{_B}attn\.to_{c}\.{_W}", r"double_blocks.\1.img_attn.qkv.\2", i) for i, c in enumerate("qkv")],
+        *[(rf"{_B}attn\.add_{c}_proj\.{_W}", r"double_blocks.\1.txt_attn.qkv.\2", i) for i, c in enumerate("qkv")],
+        *[(rf"{_S}attn\.to_{c}\.{_W}", r"single_blocks.\1.linear1.\2", i) for i, c in enumerate("qkv")],
+        (rf"{_S}proj_mlp\.{_W}", r"single_blocks.\1.linear1.\2", 3),
+    ],
+    swap=[r"final_layer\.adaLN_modulation\.1\.(weight|bias)"],
+)
+
+
+def _count(keys, pattern: str) -> int:
+    idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    if idx and idx != set(range(len(idx))):
+        raise CheckpointError(f"block indices are not contiguous: {sorted(idx)} ({pattern})")
+    return len(idx)
+
+
+def params_from_bfl(ckpt) -> FluxParams:
+    """The config implied by BFL keys and shapes (axes_dim: (16, 56, 56) scaled to the head dim)."""
+    def shape(k):
+        if k not in ckpt:
+            raise CheckpointError(f"FLUX checkpoint lacks key {k!r}")
+        return ckpt.shape(k)
+
+    hidden, in_ch = shape("img_in.weight")
+    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    return FluxParams(
+        in_channels=in_ch,
+        out_channels=shape("final_layer.linear.weight")[0],
+        vec_in_dim=shape("vector_in.in_layer.weight")[1],
+        context_in_dim=shape("txt_in.weight")[1],
+        hidden_size=hidden,
+        mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
+        num_heads=hidden // head_dim,
+        depth=_count(ckpt, r"double_blocks\.(\d+)\."),
+        depth_single_blocks=_count(ckpt, r"single_blocks\.(\d+)\."),
+        axes_dim=default_axes(head_dim),
+        qkv_bias="double_blocks.0.img_attn.qkv.bias" in ckpt,
+        guidance_embed="guidance_in.in_layer.weight" in ckpt,
+    )
+
+
+def default_axes(head_dim: int) -> tuple[int, int, int]:
+    """FLUX's RoPE split (16, 56, 56) for head dim 128; other head dims keep the 1:3.5:3.5 ratio in even parts."""
+    if head_dim == 128:
+        return (16, 56, 56)
+    a = 2 * round(head_dim / 16)
+    b = (head_dim - a) // 2 // 2 * 2
+    return (head_dim - 2 * b, b, b)
+
+
+def params_from_diffusers_config(cfg: dict) -> FluxParams:
+    heads, hd = cfg.get("num_attention_heads", 24), cfg.get("attention_head_dim", 128)
+    in_ch = cfg.get("in_channels", 64)
+    return FluxParams(
+        in_channels=in_ch,
+        out_channels=cfg.get("out_channels") or in_ch,
+        vec_in_dim=cfg.get("pooled_projection_dim", 768),
+        context_in_dim=cfg.get("joint_attention_dim", 4096),
+        hidden_size=heads * hd,
+        num_heads=heads,
+        depth=cfg.get("num_layers", 19),
+        depth_single_blocks=cfg.get("num_single_layers", 38),
+        axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
+        guidance_embed=bool(cfg.get("guidance_embeds", False)),
+    )
+
+
+def variant_name(p: FluxParams) -> str:
+    for name, preset in PRESETS.items():
+        if p == preset:
+            return name
+    if p.in_channels == 384:
+        return "flux-fill"
+    if p.in_channels == 128:
+        return "flux-depth/canny"
+    return "flux-dev-like (custom size)" if p.guidance_embed else "flux-schnell-like (custom size)"

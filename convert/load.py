@@ -1,0 +1,143 @@
+"""Detect what a transformer checkpoint is (from its keys, shapes and config.json, never its name) and load it.
+
+Layouts read: BFL single files (bare keys or `model.diffusion_model.`), SAI single files
+(`model.diffusion_model.`, bundled `text_encoders.*` / `first_stage_model.*` left for their own
+loaders), and Diffusers-format transformer folders (`config.json` + safetensors, sharded or not).
+The model is built on the meta device and materialized straight into the requested dtype and
+device with a strict, key-by-key load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import flux as flux_fmt
+from .files import FLOAT8, Checkpoint, CheckpointError, load_state_dict_strict
+from .mapping import KeyMap
+
+# Prefixes under which single files carry the transformer, and the parts that belong to other loaders.
+MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+OTHER_PARTS = ("text_encoders.", "first_stage_model.", "vae.", "cond_stage_model.", "conditioner.")
+
+
+@dataclass
+class Detected:
+    family: str  # "flux" | "sd3"
+    layout: str  # "bfl" | "sai" | "diffusers"
+    variant: str
+    params: object  # FluxParams | SD3Params
+    ckpt: Checkpoint  # the transformer's keys, prefix removed
+    keymap: KeyMap | None  # None: keys are ours already
+    source: str
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self.ckpt.storage_dtype()
+
+    @property
+    def num_params(self) -> int:
+        skip = (".scale_weight", ".scale_input")
+        return sum(math.prod(self.ckpt.shape(k)) for k in self.ckpt if not k.endswith(skip) and k != "scaled_fp8")
+
+    def build(self) -> torch.nn.Module:
+        if self.family == "flux":
+            from mmdit.flux import Flux
+
+            return Flux(self.params)
+        from mmdit.sd3 import SD3
+
+        return SD3(self.params)
+
+
+def _transformer_folder(path: Path) -> Path:
+    """A Diffusers repo folder -> its `transformer/`; a transformer folder stays."""
+    if (path / "transformer").is_dir():
+        return path / "transformer"
+    return path
+
+
+def detect_transformer(path) -> Detected:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    config = None
+    if path.is_dir():
+        path = _transformer_folder(path)
+        if (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+    ckpt = Checkpoint.open(path)
+    src = str(path)
+
+    for prefix in MODEL_PREFIXES:
+        if any(k.startswith(prefix) for k in ckpt):
+            ckpt = ckpt.with_prefix(prefix)
+            break
+    else:
+        ckpt = ckpt.without_prefixes(OTHER_PARTS)
+    if not len(ckpt):
+        raise CheckpointError(f"{src}: holds no transformer weights (only {', '.join(OTHER_PARTS)} parts?)")
+
+    cls = (config or {}).get("_class_name", "")
+    if flux_fmt.PROBE_BFL in ckpt:
+        p = flux_fmt.params_from_bfl(ckpt)
+        return Detected("flux", "bfl", flux_fmt.variant_name(p), p, ckpt, None, src)
+    if cls == "FluxTransformer2DModel" or flux_fmt.PROBE_DIFFUSERS in ckpt:
+        if config is None:
+            raise CheckpointError(f"{src}: Diffusers-layout FLUX weights need the folder's config.json beside them")
+        p = flux_fmt.params_from_diffusers_config(config)
+        return Detected("flux", "diffusers", flux_fmt.variant_name(p), p, ckpt, flux_fmt.DIFFUSERS_TO_BFL, src)
+
+    from . import sd3 as sd3_fmt
+
+    if sd3_fmt.PROBE_SAI in ckpt:
+        p = sd3_fmt.params_from_sai(ckpt)
+        return Detected("sd3", "sai", sd3_fmt.variant_name(p), p, ckpt, None, src)
+    if cls == "SD3Transformer2DModel" or sd3_fmt.PROBE_DIFFUSERS in ckpt:
+        if config is None:
+            raise CheckpointError(f"{src}: Diffusers-layout SD3 weights need the folder's config.json beside them")
+        p = sd3_fmt.params_from_diffusers_config(config)
+        return Detected("sd3", "diffusers", sd3_fmt.variant_name(p), p, ckpt, sd3_fmt.diffusers_to_sai(p), src)
+
+    first = ", ".join(list(ckpt)[:3])
+    raise CheckpointError(
+        f"{src}: unsupported layout: not a FLUX (BFL or Diffusers) or SD3 (SAI or Diffusers) transformer; "
+        f"first keys: {first}"
+    )
+
+
+def _ours(d: Detected, dtype: torch.dtype, device) -> dict:
+    """Lazy loaders of our state dict; ComfyUI scaled-fp8 weights are dequantized (W * scale_weight)."""
+    if d.keymap is not None:
+        return d.keymap.tensors(d.ckpt, dtype, device)
+    ckpt = d.ckpt
+    scales = {k[: -len("scale_weight")] + "weight": k for k in ckpt if k.endswith(".scale_weight")}
+    skip = {k for k in ckpt if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"}
+
+    def loader(k):
+        if k in scales:
+            return lambda: (ckpt.load(k, torch.float32) * ckpt.load(scales[k], torch.float32)).to(device, dtype)
+        return lambda: ckpt.load(k, dtype, device)
+
+    return {k: loader(k) for k in ckpt if k not in skip}
+
+
+def load_transformer(path, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a FLUX or SD3 transformer from any supported layout; family and config come from the file.
+
+    dtype: defaults to the file's own (float8 files are upcast to bfloat16).
+    """
+    d = detect_transformer(path)
+    if dtype is None:
+        dtype = d.storage_dtype
+        if dtype in FLOAT8:
+            dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = d.build()
+    load_state_dict_strict(model, _ours(d, dtype, device), f"{d.family} transformer ({d.variant})", d.source)
+    model.variant = d.variant
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,96 @@
+"""Layers shared by the MM-DiT families: timestep embedding, embedder MLPs, RMSNorm, adaLN, RoPE.
+
+Attribute names follow the official checkpoints (BFL's `in_layer`/`out_layer`, RMSNorm's `scale`),
+so an official file loads with a strict `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding `[cos(t f_k), sin(t f_k)]`, `f_k = max_period^(-k / (dim/2))`. t: (B,) -> (B, dim), fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (BFL's names: `in_layer`, `out_layer`)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.silu = nn.SiLU()
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(self.silu(self.in_layer(x)))
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMS normalization computed in fp32, cast back, then scaled."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim. BFL calls the weight `scale` (its checkpoint key); SAI calls it `weight`."""
+
+    def __init__(self, dim: int, weight_name: str = "scale", eps: float = 1e-6):
+        super().__init__()
+        self.weight_name, self.eps = weight_name, eps
+        setattr(self, weight_name, nn.Parameter(torch.ones(dim)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, getattr(self, self.weight_name), self.eps)
+
+
+@dataclass
+class Modulation:
+    """One adaLN modulation: `(1 + scale) * norm(x) + shift`, and the residual gate."""
+
+    shift: Tensor  # (B, 1, D)
+    scale: Tensor
+    gate: Tensor | None = None
+
+    def __call__(self, x_normed: Tensor) -> Tensor:
+        return (1 + self.scale) * x_normed + self.shift
+
+
+def modulations(emb: Tensor, n: int) -> list[Tensor]:
+    """Split an adaLN output (B, n*D) into n chunks of (B, 1, D)."""
+    return list(emb[:, None, :].chunk(n, dim=-1))
+
+
+# ---- Rotary position embedding (FLUX): interleaved pairs, per-axis frequencies ----
+
+
+def rope_frequencies(ids: Tensor, axes_dim: list[int], theta: int) -> Tensor:
+    """Angles for each position: ids (B, L, n_axes) -> (B, L, sum(axes_dim)/2), fp32 (fp64 on CPU for exactness)."""
+    dtype = torch.float64 if ids.device.type == "cpu" else torch.float32
+    angles = []
+    for i, d in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=dtype, device=ids.device) / d)  # (d/2,)
+        angles.append(ids[..., i].to(dtype)[..., None] * omega)
+    return torch.cat(angles, dim=-1).float()
+
+
+def rope_cos_sin(ids: Tensor, axes_dim: list[int], theta: int) -> tuple[Tensor, Tensor]:
+    """cos and sin of the angles, shaped (B, 1, L, D/2) to broadcast over heads."""
+    a = rope_frequencies(ids, axes_dim, theta)[:, None]
+    return a.cos(), a.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs (x[2k], x[2k+1]) by the angle k, in fp32. x: (B, H, L, D)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, H, L, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
