@@ -7,9 +7,9 @@ from .load import Detected, detect_transformer, load_transformer
 
 # Loaders of the other parts live in their own modules, imported on first use.
 _LAZY = {
-    "load_text_encoder": "encoders",
-    "load_tokenizer": "encoders",
-    "load_autoencoder": "encoders",
+    "load_text_encoder": "text_encoders",
+    "load_tokenizer": "tokenizer",
+    "load_autoencoder": "autoencoder",
     "load_lora": "lora",
     "save_lora": "lora",
 }

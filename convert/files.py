@@ -9,6 +9,7 @@ Nothing is ever unpickled: a file that is not safetensors is refused with a clea
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -16,7 +17,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 # safetensors dtype names -> torch dtypes
@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 
 
 def read_header(path: str | os.PathLike) -> dict:
-    """The JSON header of a safetensors file; a clear error for anything else (nothing is unpickled)."""
+    """The JSON header of a safetensors file, with `__data_start__` added; a clear error for anything else."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -55,6 +55,7 @@ def read_header(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header["__data_start__"] = 8 + n
     return header
 
 
@@ -67,17 +68,21 @@ class Checkpoint(Mapping):
         if _entries is not None:
             self._entries = _entries
             return
-        self._entries: dict[str, tuple[Path, str, list[int], torch.dtype]] = {}
+        # key -> (file, absolute byte offset, shape, dtype)
+        self._entries: dict[str, tuple[Path, int, list[int], torch.dtype]] = {}
         for f in self.files:
             header = read_header(f)
+            start = header.pop("__data_start__")
             self.metadata.update(header.pop("__metadata__", None) or {})
             for name, info in header.items():
                 if name in self._entries:
                     raise CheckpointError(f"{f}: key {name!r} also appears in {self._entries[name][0]}")
                 if info["dtype"] not in _DTYPES:
                     raise CheckpointError(f"{f}: key {name!r} has unsupported dtype {info['dtype']}")
-                self._entries[name] = (f, name, list(info["shape"]), _DTYPES[info["dtype"]])
-        self._handles: dict[Path, object] = {}
+                dtype, (begin, end) = _DTYPES[info["dtype"]], info["data_offsets"]
+                if end - begin != math.prod(info["shape"]) * dtype.itemsize:
+                    raise CheckpointError(f"{f}: key {name!r}: data size does not match shape {info['shape']}")
+                self._entries[name] = (f, start + begin, list(info["shape"]), dtype)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
@@ -122,29 +127,32 @@ class Checkpoint(Mapping):
         return self._entries[key][3]
 
     def load(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
-        """Read one tensor, cast (float8 is upcast) and moved in one go."""
-        file, name, _, _ = self._entries[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        t = self._handles[file].get_tensor(name)
+        """Read one tensor from disk into a buffer of its own, then cast (float8 is upcast) and move it.
+
+        A plain read, not a memory map: the only host copy is the tensor itself (no mapped pages
+        piling up in the process's memory), so loading a model costs about one copy of its weights.
+        """
+        file, offset, shape, stored = self._entries[key]
+        buf = bytearray(math.prod(shape) * stored.itemsize)
+        with open(file, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{file}: truncated file (key {key!r})")
+        t = torch.frombuffer(buf, dtype=torch.uint8).view(stored).reshape(shape) if buf else torch.empty(shape, dtype=stored)
         if dtype is not None and t.is_floating_point():
-            t = t.to(device=device, dtype=dtype)
+            return t.to(device=device, dtype=dtype)
         return t.to(device)
 
     def with_prefix(self, prefix: str) -> "Checkpoint":
         """The keys under `prefix`, with the prefix removed (a view, nothing is read)."""
         entries = {k[len(prefix):]: v for k, v in self._entries.items() if k.startswith(prefix)}
-        view = Checkpoint(self.files, _entries=entries, metadata=self.metadata)
-        view._handles = self._handles
-        return view
+        return Checkpoint(self.files, _entries=entries, metadata=self.metadata)
 
     def without_prefixes(self, prefixes: Iterable[str]) -> "Checkpoint":
         """All keys except those under any of `prefixes` (e.g. bundled encoders)."""
         prefixes = tuple(prefixes)
         entries = {k: v for k, v in self._entries.items() if not k.startswith(prefixes)}
-        view = Checkpoint(self.files, _entries=entries, metadata=self.metadata)
-        view._handles = self._handles
-        return view
+        return Checkpoint(self.files, _entries=entries, metadata=self.metadata)
 
     def storage_dtype(self) -> torch.dtype:
         """The most common floating dtype among the tensors (what the file 'is')."""
