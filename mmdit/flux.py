@@ -158,7 +158,8 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec_silu: Tensor, pe, n_txt: int, temperature: Temperature = None) -> Tensor:
         (mod,) = self.modulation(vec_silu)
-        qkv, mlp_in = self.linear1(mod(self.pre_norm(x))).split((3 * self.hidden, self.linear1.out_features - 3 * self.hidden), -1)
+        h = self.linear1(mod(self.pre_norm(x)))  # (B, L, 3H + M)
+        qkv, mlp_in = h[..., : 3 * self.hidden], h[..., 3 * self.hidden :]
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = rope_qk(*self.norm(q, k), pe)
         attn = attention(q, k, v, n_txt, temperature)
