@@ -6,8 +6,11 @@ import argparse
 import sys
 from dataclasses import asdict
 
+import torch
+
 from .files import CheckpointError
 from .load import detect_transformer
+from .synthetic import random_checkpoint
 
 
 def inspect(path: str) -> str:
@@ -29,10 +32,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("inspect", help="print the detected family, variant, dims, dtype, parameter count").add_argument("path")
+    rnd = sub.add_parser("random", help="write a random-weight checkpoint in a preset's official layout")
+    rnd.add_argument("preset", help="flux-dev, flux-schnell, sd3-medium, sd3.5-large, sd3.5-medium")
+    rnd.add_argument("path")
+    rnd.add_argument("--tiny", action="store_true", help="two blocks of each kind, narrow width, same layout")
+    rnd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    rnd.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
-        print(inspect(args.path))
-    except CheckpointError as e:
+        if args.cmd == "inspect":
+            print(inspect(args.path))
+        else:
+            random_checkpoint(args.preset, args.path, getattr(torch, args.dtype), args.tiny, args.seed)
+            print(f"wrote {args.path} (random weights, {args.preset} layout{', tiny' if args.tiny else ''})")
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

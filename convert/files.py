@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -120,6 +121,9 @@ class Checkpoint(Mapping):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key) -> bool:  # Mapping's default would read the tensor
+        return key in self._entries
+
     def shape(self, key: str) -> list[int]:
         return self._entries[key][2]
 
@@ -127,21 +131,30 @@ class Checkpoint(Mapping):
         return self._entries[key][3]
 
     def load(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
-        """Read one tensor from disk into a buffer of its own, then cast (float8 is upcast) and move it.
+        """One tensor, cast (float8 is upcast) and moved; nothing else of the file is held.
 
-        A plain read, not a memory map: the only host copy is the tensor itself (no mapped pages
-        piling up in the process's memory), so loading a model costs about one copy of its weights.
+        Stored as wanted: a zero-copy view of a private (copy-on-write) map of just this tensor, so
+        loading costs no copy and edits (a LoRA merge) never reach the file. To be cast: read into a
+        buffer of its own, cast, and the buffer is freed, so no mapped pages pile up.
         """
         file, offset, shape, stored = self._entries[key]
-        buf = bytearray(math.prod(shape) * stored.itemsize)
+        n = math.prod(shape) * stored.itemsize
+        if n == 0:
+            return torch.empty(shape, dtype=dtype if dtype is not None else stored, device=device)
         with open(file, "rb") as f:
+            if dtype is None or dtype == stored or not stored.is_floating_point:
+                start = offset - offset % mmap.ALLOCATIONGRANULARITY
+                try:
+                    buf = mmap.mmap(f.fileno(), offset - start + n, access=mmap.ACCESS_COPY, offset=start)
+                except ValueError:
+                    raise CheckpointError(f"{file}: truncated file (key {key!r})") from None
+                t = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=offset - start)
+                return t.view(stored).reshape(shape).to(device)
+            buf = bytearray(n)
             f.seek(offset)
-            if f.readinto(buf) != len(buf):
+            if f.readinto(buf) != n:
                 raise CheckpointError(f"{file}: truncated file (key {key!r})")
-        t = torch.frombuffer(buf, dtype=torch.uint8).view(stored).reshape(shape) if buf else torch.empty(shape, dtype=stored)
-        if dtype is not None and t.is_floating_point():
-            return t.to(device=device, dtype=dtype)
-        return t.to(device)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(stored).reshape(shape).to(device=device, dtype=dtype)
 
     def with_prefix(self, prefix: str) -> "Checkpoint":
         """The keys under `prefix`, with the prefix removed (a view, nothing is read)."""

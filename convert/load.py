@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from mmdit import build_model
+
 from . import flux as flux_fmt
 from .files import FLOAT8, Checkpoint, CheckpointError, load_state_dict_strict
 from .mapping import KeyMap
@@ -45,13 +47,7 @@ class Detected:
         return sum(math.prod(self.ckpt.shape(k)) for k in self.ckpt if not k.endswith(skip) and k != "scaled_fp8")
 
     def build(self) -> torch.nn.Module:
-        if self.family == "flux":
-            from mmdit.flux import Flux
-
-            return Flux(self.params)
-        from mmdit.sd3 import SD3
-
-        return SD3(self.params)
+        return build_model(self.params)
 
 
 def _transformer_folder(path: Path) -> Path:

@@ -1,0 +1,18 @@
+"""Text to image with the MM-DiT models: schedules, the Euler sampler, TACA's schedule, FLUX and SD3 pipelines."""
+
+from .loading import load_pipeline
+from .pipeline import FluxPipeline, Pipeline, SD3Pipeline
+from .schedules import flux_sigmas, given_sigmas, sd3_sigmas, shift_sigmas
+from .taca import TacaSchedule
+
+__all__ = [
+    "FluxPipeline",
+    "Pipeline",
+    "SD3Pipeline",
+    "TacaSchedule",
+    "flux_sigmas",
+    "given_sigmas",
+    "load_pipeline",
+    "sd3_sigmas",
+    "shift_sigmas",
+]

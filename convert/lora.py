@@ -1,0 +1,181 @@
+"""Loading the LoRA files people share into our models, and saving ours in the Diffusers/PEFT format.
+
+`load_lora` detects the format from the keys (convert/lora_formats.py), maps every module to a row
+slice of one of our Linears, stacks the slices that land on one Linear into one adapter (A
+concatenated, B block-diagonal: exact), and adds it to the model in place (mmdit/lora.py). A file
+for another base model is refused: the message names the first key or shape that does not fit.
+
+`save_lora` writes `transformer.<Diffusers path>.lora_A/lora_B.weight`: an adapter on a fused
+`qkv` becomes `to_q`, `to_k`, `to_v` with A copied and B split by rows (exact). The header holds
+`lora_adapter_metadata` (the PEFT LoraConfig kwargs Diffusers reads) and our own `mmdit.*` entries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmdit.lora import adapter_names, adapters, wrap_linear
+
+from .files import Checkpoint, CheckpointError, save_safetensors_atomic
+from .lora_formats import Piece, Target, diffusers_targets, read_pieces
+from .mapping import KeyMap, swap_halves
+
+
+def diffusers_keymap(model: nn.Module) -> KeyMap:
+    """The Diffusers -> ours key map of the model's family."""
+    family = getattr(model, "family", None)
+    if family == "flux":
+        from .flux import DIFFUSERS_TO_BFL
+
+        return DIFFUSERS_TO_BFL
+    if family == "sd3":
+        from .sd3 import diffusers_to_sai
+
+        return diffusers_to_sai(model.params)
+    raise TypeError(f"LoRA files apply to FLUX or SD3 models, not {type(model).__name__}")
+
+
+def _describe(model: nn.Module) -> str:
+    return f"this {getattr(model, 'variant', None) or model.family} model"
+
+
+def _check(model: nn.Module, p: Piece, source: str) -> tuple[int, int]:
+    """The rows (offset, length) the piece covers; a clear error if its shapes do not fit the Linear."""
+    m = model.get_submodule(p.target.module)
+    (r, n_in), (n_out, r_up) = p.down.shape, p.up.shape
+    length = p.target.length if p.target.length is not None else m.out_features - p.target.offset
+    if r != r_up or n_in != m.in_features or n_out != length:
+        raise CheckpointError(
+            f"{source}: LoRA {p.source!r} has down {list(p.down.shape)} and up {list(p.up.shape)}, but "
+            f"{p.target.module} of {_describe(model)} takes {m.in_features} inputs and needs {length} output rows"
+            " (a LoRA for another base model?)"
+        )
+    return p.target.offset, n_out
+
+
+def _stack(model: nn.Module, pieces: list[Piece], source: str) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """One Linear's pieces as one LoRA: A (R, in), B (length, R) over rows [offset, offset+length), scale."""
+    rows = [_check(model, p, source) for p in pieces]
+    lo, hi = min(o for o, _ in rows), max(o + n for o, n in rows)
+    scale = pieces[0].scale
+    A = torch.cat([p.down.float() for p in pieces])  # (R, in)
+    B = torch.zeros(hi - lo, A.shape[0])  # block-diagonal (length, R)
+    col = 0
+    for p, (o, n) in zip(pieces, rows):
+        up = p.up.float() * (p.scale / scale)  # one scale per adapter: fold any other into B
+        B[o - lo : o - lo + n, col : col + up.shape[1]] = swap_halves(up) if p.target.swap else up
+        col += up.shape[1]
+    return A, B, scale, lo
+
+
+def load_lora(
+    model: nn.Module, path: str | os.PathLike, scale: float = 1.0, name: str | None = None, strict: bool = True
+) -> str:
+    """Add the LoRA in `path` to `model` (in place) as adapter `name` (default: the file's stem).
+
+    scale: the user strength. strict=False loads a file some of whose keys match nothing in the
+    model, with a warning listing them; by default that is an error. Text-encoder LoRA weights in
+    the file are not applied (a warning says so). Returns the adapter name.
+    """
+    path = Path(path)
+    name = name or re.sub(r"\W", "_", path.stem)
+    if name in adapter_names(model):
+        raise ValueError(f"the model already has a LoRA adapter {name!r}: pass another name")
+    ckpt = Checkpoint.open(path)
+    source = str(path)
+    family = ckpt.metadata.get("mmdit.family")
+    if family and family != getattr(model, "family", None):
+        raise CheckpointError(f"{source}: a LoRA for a {family} model, not for {_describe(model)}")
+    tensors = {k: ckpt.load(k) for k in ckpt}
+    pieces, unmatched, skipped = read_pieces(tensors, ckpt.metadata, model, diffusers_keymap(model), source)
+
+    if unmatched and (strict or not pieces):
+        raise CheckpointError(
+            f"{source}: {len(unmatched)} LoRA key(s) match no layer of {_describe(model)} "
+            f"(a LoRA for another base model?), first: {unmatched[0]!r}"
+            + ("; pass strict=False to load the rest" if pieces else "; none matches")
+        )
+    if unmatched:
+        warnings.warn(f"{source}: {len(unmatched)} LoRA key(s) match nothing and are not applied: {unmatched}")
+    if skipped:
+        warnings.warn(f"{source}: {len(skipped)} text-encoder LoRA key(s) are not applied (transformer only), "
+                      f"first: {skipped[0]!r}")
+    if not pieces:
+        raise CheckpointError(f"{source}: no transformer LoRA weights in the file")
+
+    by_module: dict[str, list[Piece]] = {}
+    for p in pieces:
+        by_module.setdefault(p.target.module, []).append(p)
+    stacked = {mod: _stack(model, ps, source) for mod, ps in by_module.items()}  # every check before any change
+    for mod, (A, B, s, offset) in stacked.items():
+        layer = wrap_linear(model, mod)
+        a = layer.add(name, A.shape[0], s * A.shape[0], (offset, B.shape[0]))
+        with torch.no_grad():
+            a.lora_A.copy_(A)
+            a.lora_B.copy_(B)
+        a.strength = float(scale)
+        a.refresh()
+    return name
+
+
+def save_lora(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", metadata: dict | None = None
+) -> None:
+    """Write adapter `name` as a Diffusers/PEFT LoRA file (loads with Diffusers' `load_lora_weights`).
+
+    metadata: extra header entries (e.g. TACA settings); values that are not strings are stored as JSON.
+    """
+    by_ours: dict[str, list[tuple[str, Target]]] = {}
+    for path_d, t in diffusers_targets(model, diffusers_keymap(model)).items():
+        by_ours.setdefault(t.module, []).append((path_d, t))
+    tensors, ranks, alphas, ours = {}, {}, {}, []
+    for mod, _, a in adapters(model, name):
+        if mod not in by_ours:
+            raise ValueError(f"LoRA on {mod}: the Diffusers layout has no module for it, cannot save")
+        ours.append(mod)
+        for path_d, t in by_ours[mod]:
+            lo, hi = max(t.offset, a.offset), min(t.offset + t.length, a.offset + a.length)
+            if lo >= hi:
+                continue  # e.g. proj_mlp when the adapter covers linear1's q, k, v rows only
+            B = torch.zeros(t.length, a.rank, dtype=a.lora_B.dtype)
+            B[lo - t.offset : hi - t.offset] = a.lora_B.detach()[lo - a.offset : hi - a.offset]
+            tensors[f"transformer.{path_d}.lora_A.weight"] = a.lora_A.detach().clone()  # no shared storage
+            tensors[f"transformer.{path_d}.lora_B.weight"] = swap_halves(B) if t.swap else B
+            ranks[path_d], alphas[path_d] = a.rank, a.alpha
+    if not tensors:
+        raise KeyError(f"no LoRA adapter {name!r} in the model (adapters: {adapter_names(model) or 'none'})")
+
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {  # PEFT LoraConfig kwargs, as Diffusers' save_lora_weights writes them
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+        "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
+        "target_modules": sorted(ranks),
+        "use_dora": False,
+        "use_rslora": False,
+        "lora_bias": False,
+    }
+    header = {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()}, sort_keys=True),
+        "mmdit.family": model.family,
+        "mmdit.variant": str(getattr(model, "variant", "") or ""),
+        "mmdit.rank": str(r),
+        "mmdit.alpha": f"{alpha:g}",
+        "mmdit.targets": json.dumps(sorted(ours)),
+    }
+    for k, v in (metadata or {}).items():
+        if k in header:
+            raise ValueError(f"metadata key {k!r} is reserved")
+        header[k] = v if isinstance(v, str) else json.dumps(v)
+    save_safetensors_atomic(tensors, path, header)

@@ -1,0 +1,238 @@
+"""The LoRA file formats in use for FLUX and SD3.5, read into one form: `Piece`s on our Linears.
+
+Facts: ../shared/FORMATS.md section 7. Every format is a set of (module, down, up, alpha) triples;
+what differs is the module naming, the tensor names, and where alpha comes from:
+
+| format | keys | scale (before the user's strength) |
+|---|---|---|
+| Diffusers / PEFT, ai-toolkit | `transformer.<diffusers path>.lora_A/lora_B.weight` | `.alpha` keys, else `lora_adapter_metadata`, else 1 |
+| kohya sd-scripts | `lora_unet_<our path, dots as _>.lora_down/lora_up.weight`, `.alpha` | alpha / rank, 1 without alpha |
+| ComfyUI / BFL | `[diffusion_model.]<our path>.lora_A/B` or `.lora_down/up`, `.alpha` | alpha / rank, 1 without alpha |
+| XLabs | `[diffusion_model.]double_blocks.N.processor.qkv_lora1.down.weight`, ... | 1 |
+
+Diffusers paths of split projections (`to_q`, `proj_mlp`, ...) become row slices of our fused
+Linears; the adaLN stored as (scale, shift) by Diffusers gets its LoRA's output rows (B) swapped.
+XLabs' own pipeline multiplies both down and up by its `lora_weight`, i.e. strength w there is w²
+here; we follow Diffusers (strength is linear). BFL control LoRAs (`lora_B.bias`, replaced norm
+scales), DoRA and full-weight diffs (`.diff`, `.diff_b`) are refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .files import CheckpointError
+from .mapping import KeyMap
+
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "text_encoders.", "lora_te")
+MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+# tensor suffix -> role (down = A (r, in), up = B (out, r))
+_ROLES = {
+    "lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up",
+    "down.weight": "down", "up.weight": "up", "alpha": "alpha",
+}
+_KEY = re.compile(r"(.+?)\.(" + "|".join(re.escape(r) for r in _ROLES) + ")")
+
+XLABS = [  # XLabs processor names -> ours, and whether only the q, k, v rows (3 * in_features) are covered
+    (r"double_blocks\.(\d+)\.processor\.qkv_lora1", r"double_blocks.\1.img_attn.qkv", False),
+    (r"double_blocks\.(\d+)\.processor\.proj_lora1", r"double_blocks.\1.img_attn.proj", False),
+    (r"double_blocks\.(\d+)\.processor\.qkv_lora2", r"double_blocks.\1.txt_attn.qkv", False),
+    (r"double_blocks\.(\d+)\.processor\.proj_lora2", r"double_blocks.\1.txt_attn.proj", False),
+    (r"single_blocks\.(\d+)\.processor\.qkv_lora", r"single_blocks.\1.linear1", True),
+    (r"single_blocks\.(\d+)\.processor\.proj_lora", r"single_blocks.\1.linear2", False),
+]
+
+
+@dataclass
+class Target:
+    """Where a file's module lands in our model: rows [offset, offset + length) of Linear `module`."""
+
+    module: str
+    offset: int = 0
+    length: int | None = None  # None: all rows from offset (checked against B)
+    swap: bool = False  # B's two row halves swapped (Diffusers' (scale, shift) adaLN)
+
+
+@dataclass
+class Piece:
+    target: Target
+    down: Tensor  # A: (r, in)
+    up: Tensor  # B: (length, r)
+    scale: float  # alpha / rank from the file
+    source: str  # the file's module name, for messages
+
+
+# ---- Diffusers module paths, derived from the model family's Diffusers -> ours KeyMap ----
+
+
+def _examples(pattern: str, n: int) -> list[str]:
+    """Concrete strings for a KeyMap pattern: `(\\d+)` -> 0..n-1, `(a|b)` -> each of a, b; `\\.` -> `.`."""
+    options = []
+    for i, part in enumerate(re.split(r"\(([^()]*)\)", pattern)):
+        if i % 2 == 0:
+            options.append([part.replace("\\.", ".")])
+        else:
+            options.append([str(j) for j in range(n)] if part == r"\d+" else [a.replace("\\.", ".") for a in part.split("|")])
+    return [s for s in map("".join, itertools.product(*options)) if re.fullmatch(pattern, s)]
+
+
+def block_count(names) -> int:
+    """1 + the largest block index in module names: enough indices to expand the patterns."""
+    return 1 + max((int(i) for name in names for i in re.findall(r"\.(\d+)\.", name)), default=0)
+
+
+def diffusers_targets(model: nn.Module, keymap: KeyMap) -> dict[str, Target]:
+    """{Diffusers Linear path: Target} for every Linear of `model` that `keymap` names.
+
+    Parts of a fused tensor are `in_features` rows each (q, k, v), the last one taking the rest
+    (FLUX's `proj_mlp` in `linear1`).
+    """
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    n = block_count(linears)
+    rules = [(p, r, None) for p, r in keymap.renames] + list(keymap.fused)
+    out: dict[str, Target] = {}
+    for pat, rep, part in rules:
+        for key in _examples(pat, n):
+            ours = re.sub(pat, rep, key)
+            mod = ours.removesuffix(".weight")
+            if not key.endswith(".weight") or mod not in linears:
+                continue  # biases, norms, position tables
+            m = linears[mod]
+            swap = any(re.fullmatch(s, ours) for s in keymap.swap)
+            offset = 0 if part is None else part * m.in_features
+            out[key.removesuffix(".weight")] = Target(mod, offset, None if part is None else m.in_features, swap)
+    # the last part of a fused Linear takes the remaining rows
+    by_module: dict[str, list[Target]] = {}
+    for t in out.values():
+        by_module.setdefault(t.module, []).append(t)
+    for mod, ts in by_module.items():
+        ts.sort(key=lambda t: t.offset)
+        ts[-1].length = linears[mod].out_features - ts[-1].offset
+    return out
+
+
+# ---- format detection and key parsing ----
+
+
+def detect_format(keys: list[str]) -> str:
+    """`diffusers` | `kohya` | `comfyui` | `xlabs`; refused formats raise with the reason."""
+    def has(pred):
+        return next((k for k in keys if pred(k)), None)
+
+    if k := has(lambda k: k.endswith("lora_B.bias") or k.endswith("query_norm.scale")):
+        raise CheckpointError(f"BFL control LoRAs (with LoRA biases and replaced norms, e.g. {k!r}) are not supported")
+    if k := has(lambda k: "dora_scale" in k or "lora_magnitude_vector" in k):
+        raise CheckpointError(f"DoRA LoRAs are not supported (key {k!r})")
+    if k := has(lambda k: k.endswith((".diff", ".diff_b"))):
+        raise CheckpointError(f"full-weight differences ({k!r}) are not supported, only low-rank LoRA pairs")
+    if k := has(lambda k: k.startswith(("lora_", "lycoris_")) and not k.startswith(("lora_unet_", "lora_te"))):
+        raise CheckpointError(f"unsupported LoRA key naming {k!r} (OneTrainer / LyCORIS)")
+    if has(lambda k: ".processor." in k):
+        return "xlabs"
+    if has(lambda k: k.startswith("lora_unet_")):
+        return "kohya"
+    if has(lambda k: k.startswith("transformer.")):
+        return "diffusers"
+    if k := has(lambda k: k.startswith("base_model.")):
+        raise CheckpointError(f"unsupported LoRA layout (PEFT `base_model.model.` keys, e.g. {k!r})")
+    return "comfyui"
+
+
+def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """{module: {role: key}} for LoRA tensor names, and the keys that are not LoRA tensors."""
+    modules: dict[str, dict[str, str]] = {}
+    other = []
+    for k in keys:
+        m = _KEY.fullmatch(k)
+        if m:
+            modules.setdefault(m[1], {})[_ROLES[m[2]]] = k
+        else:
+            other.append(k)
+    return modules, other
+
+
+def lora_config(metadata: dict[str, str], prefix: str = "transformer") -> dict:
+    """The PEFT LoraConfig kwargs Diffusers writes under `lora_adapter_metadata` (our prefix only)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    cfg = json.loads(raw)
+    return {k[len(prefix) + 1 :]: v for k, v in cfg.items() if k.startswith(prefix + ".")}
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: a key matches a module path ending in it."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def strip_prefix(fmt: str, key: str) -> str | None:
+    """The key without its format's prefix; None for keys of other components (text encoders)."""
+    if key.startswith(TEXT_ENCODER_PREFIXES):
+        return None
+    prefixes = {"diffusers": ("transformer.",), "kohya": ("lora_unet_",)}.get(fmt, MODEL_PREFIXES)
+    return next((key[len(p):] for p in prefixes if key.startswith(p)), key)
+
+
+def model_targets(fmt: str, model: nn.Module, keymap: KeyMap) -> dict[str, Target]:
+    """{module name as the format writes it (prefix removed): our Target}."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if fmt == "diffusers":
+        return diffusers_targets(model, keymap)
+    if fmt == "kohya":
+        return {n.replace(".", "_"): Target(n) for n in linears}
+    if fmt == "xlabs":
+        n = block_count(linears)
+        return {
+            name: Target(ours, 0, 3 * linears[ours].in_features if qkv_only else None)
+            for pat, rep, qkv_only in XLABS for name in _examples(pat, n) if (ours := re.sub(pat, rep, name)) in linears
+        }
+    return {n: Target(n) for n in linears}
+
+
+def read_pieces(
+    tensors: dict[str, Tensor], metadata: dict[str, str], model: nn.Module, keymap: KeyMap, source: str
+) -> tuple[list[Piece], list[str], list[str]]:
+    """All pieces of a LoRA file for `model`; also the keys that match nothing and the text-encoder keys."""
+    fmt = detect_format(list(tensors))
+    cfg = lora_config(metadata) if fmt == "diffusers" else {}
+    if cfg.get("use_dora"):
+        raise CheckpointError(f"{source}: DoRA LoRAs are not supported")
+    targets = model_targets(fmt, model, keymap)
+
+    stripped, skipped = {}, []  # {key without prefix: file key}, text-encoder keys
+    for k in tensors:
+        s = strip_prefix(fmt, k)
+        if s is None:
+            skipped.append(k)
+        else:
+            stripped[s] = k
+    modules, other = group_keys(list(stripped))
+    unmatched = [stripped[k] for k in other]
+    pieces = []
+    for name, roles in modules.items():
+        roles = {r: stripped[k] for r, k in roles.items()}
+        if "down" not in roles or "up" not in roles:
+            missing = "up" if "down" in roles else "down"
+            raise CheckpointError(f"{source}: LoRA module {name!r} lacks its {missing} matrix")
+        if name not in targets:
+            unmatched += roles.values()
+            continue
+        down, up = tensors[roles["down"]], tensors[roles["up"]]
+        rank = down.shape[0]
+        if "alpha" in roles:
+            alpha = float(tensors[roles["alpha"]].float().item()) or rank  # kohya: alpha 0 means rank
+        else:
+            alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", rank))
+        scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+        pieces.append(Piece(targets[name], down, up, scale, roles["down"]))
+    return pieces, unmatched, skipped

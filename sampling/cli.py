@@ -1,0 +1,151 @@
+"""The `mmdit` command (also `python -m sampling`): one subcommand per task, each a pair of functions.
+
+A subcommand is `add_NAME(subparsers)`, which declares its arguments and sets `func`, and the
+function it names, which takes the parsed arguments and returns the exit code. Adding one is adding
+its `add_...` function to `COMMANDS`.
+
+`mmdit sample PROMPT --model SOURCE` writes a PNG whose text chunks hold every setting used (prompt,
+model, variant, steps, guidance, seed, taca, size, version; negative prompt, true CFG and LoRAs when
+used), so an image can be made again.
+Defaults (steps, guidance) are the model's own: see `sampling.pipeline.DEFAULTS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+from training.cli import add_train_parser
+
+DEFAULT_MODEL: str | None = None  # the tiny model shipped with the repo, once there is one
+
+
+def default_model() -> str:
+    """The model used when --model is omitted (the one place to change when a default ships)."""
+    if DEFAULT_MODEL is None:
+        sys.exit("mmdit sample: no default model yet: pass --model SOURCE (a Diffusers folder, an official "
+                 "single file such as flux1-dev.safetensors, or a hub repo id such as black-forest-labs/FLUX.1-dev)")
+    return DEFAULT_MODEL
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as v
+
+    try:
+        return v("taca-mmdit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"WxH" -> (width, height)."""
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1024x768, got {text!r}") from None
+    if w % 16 or h % 16 or w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 16, got {text!r}")
+    return w, h
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="text to image", description="Generate an image from a prompt.")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="Diffusers folder, official single file, or hub repo id (owner/name[/file.safetensors])")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="FLUX-dev: distilled guidance; SD3: CFG scale (default: the model's)")
+    p.add_argument("--negative", help="negative prompt (SD3 CFG; FLUX with --true-cfg)")
+    p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX: true CFG scale with --negative (default off)")
+    p.add_argument("--seed", type=int, help="default: a random seed, written to the PNG")
+    p.add_argument("--taca", type=float, metavar="GAMMA", help="TACA: image-to-text logits x GAMMA (paper: 1.2)")
+    p.add_argument("--taca-until", type=float, default=0.97, metavar="T",
+                   help="TACA is on while the noise level t >= T (paper: 0.97; 0: every step)")
+    p.add_argument("--lora", type=Path, action="append", default=[], metavar="FILE",
+                   help="a LoRA to apply (repeatable); with --taca it is on only in the TACA steps")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of every --lora")
+    p.add_argument("--size", type=parse_size, default=(1024, 1024), metavar="WxH", help="default 1024x1024")
+    p.add_argument("-o", "--output", default="out.png", type=Path)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--offload-encoders", action="store_true", help="text encoders on the GPU only while encoding")
+    p.set_defaults(func=sample)
+
+
+def sample(args: argparse.Namespace) -> int:
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+
+    import convert
+
+    from .loading import load_pipeline
+    from .taca import TacaSchedule
+
+    model = args.model or default_model()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
+    pipe = load_pipeline(model, device=device, dtype=dtype, offload_encoders=args.offload_encoders)
+    for file in args.lora:
+        convert.load_lora(pipe.transformer, file, scale=args.lora_scale)
+    steps = args.steps or pipe.defaults.steps
+    guidance = pipe.defaults.guidance if args.guidance is None else args.guidance
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    taca = None if args.taca is None else TacaSchedule(args.taca, args.taca_until)
+    width, height = args.size
+    (image,) = pipe.generate(
+        [args.prompt], height=height, width=width, steps=steps, guidance=guidance, seed=seed,
+        negative_prompt=args.negative, true_cfg=args.true_cfg, temperature=taca, progress=True,
+    )
+    info = {
+        "prompt": args.prompt, "model": model, "variant": pipe.variant, "steps": steps, "guidance": guidance,
+        "seed": seed, "taca": f"gamma={taca.gamma} until t={taca.until}" if taca else "off",
+        "size": f"{width}x{height}", "version": f"taca-mmdit {version()}",
+    }
+    if args.negative is not None:
+        info["negative"] = args.negative
+    if args.true_cfg > 1:
+        info["true_cfg"] = args.true_cfg
+    if args.lora:
+        info["lora"] = ", ".join(f"{f.name} x{args.lora_scale}" for f in args.lora)
+    png = PngInfo()
+    for k, v in info.items():
+        png.add_text(k, str(v))
+    save_atomic(image, args.output, png)
+    print(f"wrote {args.output} ({width}x{height}, {pipe.variant}, {steps} steps, seed {seed})")
+    return 0
+
+
+def save_atomic(image, path: Path, pnginfo) -> None:
+    """Write beside `path`, then rename: never a half-written image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+COMMANDS = [add_sample, add_train_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmdit", description="MM-DiT (FLUX.1, SD3/SD3.5) with TACA")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,152 @@
+"""`load_pipeline`: find the parts of a model from one source and load each with its loader in convert/.
+
+A source is
+- a Diffusers-style folder (model_index.json; transformer/, vae/, text_encoder*/, tokenizer*/);
+- an official single file: FLUX `flux1-dev.safetensors` (BFL) with `ae.safetensors` beside it, or an
+  SAI `sd3.5_*.safetensors` whose encoders and autoencoder are bundled (`text_encoders.*`,
+  `first_stage_model.*`) or lie beside it (`text_encoders/clip_l.safetensors`, ...);
+- a hub repo id (`owner/name`, or `owner/name/file.safetensors` for a single file in it),
+  downloaded with only the files needed (sampling/hub.py).
+Any part can be given by keyword instead (`vae=`, `clip_l=`, `clip_g=`, `t5=`, `clip_l_tokenizer=`,
+`clip_g_tokenizer=`, `t5_tokenizer=`); what is not given is looked for, in this order, in the file
+itself (bundled keys), beside it, and in the Diffusers sub-folders beside it. The family comes from
+the transformer's weights, never from a name; the name only tells SD3.5 Large Turbo from Large.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import convert
+from convert.files import Checkpoint, CheckpointError
+from mmdit.tokenizer import CLIPTokenizer
+
+from .pipeline import PIPELINES, Pipeline
+
+log = logging.getLogger(__name__)
+
+ROLES = {"flux": ("clip_l", "t5"), "sd3": ("clip_l", "clip_g", "t5")}
+OPTIONAL = {("sd3", "t5")}  # SD3 without T5: zeros in its place, as Diffusers does
+DIFFUSERS_DIRS = {  # role -> (encoder folder, tokenizer folder)
+    "flux": {"clip_l": ("text_encoder", "tokenizer"), "t5": ("text_encoder_2", "tokenizer_2")},
+    "sd3": {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
+            "t5": ("text_encoder_3", "tokenizer_3")},
+}
+SAI_FILES = {"clip_l": ["clip_l.safetensors"], "clip_g": ["clip_g.safetensors"],
+             "t5": ["t5xxl_fp16.safetensors", "t5xxl.safetensors", "t5xxl_fp8_e4m3fn.safetensors"]}
+BUNDLED = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+           "t5": "text_encoders.t5xxl.transformer."}
+AE_PREFIXES = ("first_stage_model.", "vae.")
+T5_LENGTH = {"flux": 512, "sd3": 256}  # Diffusers' max_sequence_length defaults (BFL: schnell 256)
+
+
+@dataclass
+class Part:
+    """Where one part is: a file or folder, and for a bundled part, its key prefix inside the file."""
+
+    path: Path
+    prefix: str | None = None
+    pad: str | None = None  # a CLIP tokenizer folder used for another role: that role's padding
+
+
+def _first(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.exists()), None)
+
+
+def find_parts(source: Path, family: str, given: dict[str, str | os.PathLike | None]) -> dict[str, Part | None]:
+    """{"vae", role, role + "_tokenizer": Part or None} for a Diffusers folder or a single file."""
+    folder = source if source.is_dir() else source.parent
+    keys = set() if source.is_dir() else set(Checkpoint.open(source))
+    parts: dict[str, Part | None] = {}
+
+    def part(name: str, bundled: str | None, *beside: Path) -> None:
+        if given.get(name) is not None:
+            parts[name] = Part(Path(given[name]))
+        elif bundled is not None and any(k.startswith(bundled) for k in keys):
+            parts[name] = Part(source, bundled)
+        else:
+            found = _first(*beside)
+            parts[name] = Part(found) if found else None
+
+    ae_prefix = next((p for p in AE_PREFIXES if any(k.startswith(p) for k in keys)), None)
+    part("vae", ae_prefix, folder / "vae", folder / "ae.safetensors")
+    for role in ROLES[family]:
+        enc_dir, tok_dir = DIFFUSERS_DIRS[family][role]
+        sai = [d / f for d in (folder / "text_encoders", folder) for f in SAI_FILES[role]]
+        part(role, BUNDLED[role], folder / enc_dir, *sai)
+        part(f"{role}_tokenizer", None, folder / tok_dir)
+    if family == "sd3" and parts["clip_g_tokenizer"] is None and parts["clip_l_tokenizer"] is not None:
+        # SAI's layout: one CLIP BPE for both encoders; bigG pads with "!" (id 0)
+        parts["clip_g_tokenizer"] = Part(parts["clip_l_tokenizer"].path, pad="!")
+    return parts
+
+
+def _missing(name: str, source: Path) -> CheckpointError:
+    what = {
+        "vae": "the autoencoder: pass vae=PATH (ae.safetensors, a Diffusers vae/ folder, or a file with first_stage_model.* keys)",
+        "clip_l": "the CLIP-L text encoder: pass clip_l=PATH (clip_l.safetensors or a text_encoder/ folder)",
+        "clip_g": "the CLIP-G text encoder: pass clip_g=PATH (clip_g.safetensors or a text_encoder_2/ folder)",
+        "t5": "the T5 text encoder: pass t5=PATH (t5xxl_fp16.safetensors or a text_encoder folder)",
+    }
+    base = name.removesuffix("_tokenizer")
+    if name.endswith("_tokenizer"):
+        kind = "spiece.model or tokenizer.json" if base == "t5" else "vocab.json and merges.txt"
+        return CheckpointError(f"{source}: no {base} tokenizer found: pass {name}=FOLDER (holding {kind})")
+    return CheckpointError(f"{source}: did not find {what[base]}")
+
+
+def _tokenizer(part: Part, role: str, family: str, max_length: int | None):
+    if role == "t5":
+        return convert.load_tokenizer(part.path, max_length=max_length or T5_LENGTH[family])
+    if part.pad is not None:
+        return CLIPTokenizer.from_files(part.path / "vocab.json", part.path / "merges.txt", pad=part.pad)
+    return convert.load_tokenizer(part.path)
+
+
+def load_pipeline(
+    source: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    offload_encoders: bool = False,
+    max_sequence_length: int | None = None,
+    revision: str | None = None,
+    **given: str | os.PathLike | None,
+) -> Pipeline:
+    """Load a FLUX or SD3 pipeline from a folder, a single file or a hub repo id (see the module docstring).
+
+    dtype: every part's (default: each file's own; float8 is upcast to bfloat16).
+    offload_encoders: keep the text encoders on the CPU, on `device` only while encoding.
+    max_sequence_length: T5 tokens (default FLUX 512, SD3 256, as Diffusers).
+    """
+    from .hub import resolve
+
+    allowed = {"vae", *[r + s for r in ("clip_l", "clip_g", "t5") for s in ("", "_tokenizer")]}
+    unknown = set(given) - allowed
+    if unknown:
+        raise TypeError(f"load_pipeline: unknown part(s) {sorted(unknown)}; parts are {sorted(allowed)}")
+    path, name = resolve(str(source), revision)
+    transformer = convert.load_transformer(path, device=device, dtype=dtype)
+    family = transformer.family
+    parts = find_parts(path, family, given)
+    for k, p in parts.items():
+        if p is None and (family, k.removesuffix("_tokenizer")) not in OPTIONAL:
+            raise _missing(k, path)
+    enc_device = "cpu" if offload_encoders else device
+    encoders, tokenizers = {}, {}
+    for role in ROLES[family]:
+        enc, tok = parts[role], parts[f"{role}_tokenizer"]
+        if enc is None or tok is None:
+            log.warning("%s: no %s text encoder%s; its features are zeros", path, role, "" if enc is None else " tokenizer")
+            encoders[role] = tokenizers[role] = None
+            continue
+        encoders[role] = convert.load_text_encoder(enc.path, device=enc_device, dtype=dtype, prefix=enc.prefix)
+        tokenizers[role] = _tokenizer(tok, role, family, max_sequence_length)
+    ae = convert.load_autoencoder(parts["vae"].path, family=family, device=device, dtype=dtype)
+    kwargs = {"max_sequence_length": max_sequence_length or T5_LENGTH["sd3"]} if family == "sd3" else {}
+    return PIPELINES[family](transformer, ae, encoders, tokenizers, name=name, offload_encoders=offload_encoders, **kwargs)

@@ -1,0 +1,239 @@
+"""Text to image with FLUX.1 and SD3/SD3.5: prompt encoding, sampling, decoding.
+
+`Pipeline` holds the parts (transformer, autoencoder, text encoders and tokenizers by role:
+`clip_l`, `clip_g`, `t5`) and runs `generate`; the two families differ only in what the transformer
+receives (`encode_prompt`), in their schedule and in their guidance:
+- FLUX: context = T5 states; pooled = CLIP-L's pooled state, unprojected; dev-type models take the
+  distilled guidance scale as an input; true CFG with a negative prompt is optional (`true_cfg`).
+- SD3/SD3.5: CLIP-L and bigG penultimate states (no final norm) side by side, zero-padded to the
+  transformer's context width, then the T5 states along the sequence (zeros where T5 is absent, as
+  Diffusers does); pooled = both CLIP pooled vectors (projected when the encoder has a projection,
+  as Diffusers' CLIPTextModelWithProjection). Classifier-free guidance with a negative prompt ("" by
+  default), both branches in one batch.
+Facts: ../shared/FORMATS.md 5.4 and 6. Deviation from Diffusers: latents are kept in float32 between
+steps whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from .sampler import Conditioning, euler, guided_velocity
+from .schedules import flux_sigmas, given_sigmas, sd3_sigmas
+from .taca import TemperatureSpec
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-model sampling defaults: steps and guidance (FLUX-dev: distilled; SD3: CFG scale; 0 = none)."""
+
+    steps: int
+    guidance: float
+
+
+# The official recommendations (Diffusers' pipeline docs and the SD3.5 model cards); the variant
+# comes from the weights, except Large vs Large Turbo which share a layout (see `variant_of`).
+DEFAULTS = {
+    "flux-dev": Defaults(28, 3.5),
+    "flux-schnell": Defaults(4, 0.0),
+    "sd3.5-large": Defaults(28, 3.5),
+    "sd3.5-large-turbo": Defaults(4, 0.0),
+    "sd3.5-medium": Defaults(40, 4.5),
+    "sd3-medium": Defaults(28, 7.0),
+}
+
+
+def variant_of(transformer: nn.Module, name_hint: str = "") -> str:
+    """The transformer's variant; SD3.5 Large is Turbo when the repo or file name says so (the only hint there is)."""
+    variant = getattr(transformer, "variant", "")
+    if variant.startswith("sd3.5-large") and "turbo" in name_hint.lower():
+        return "sd3.5-large-turbo"
+    return variant
+
+
+def defaults_for(variant: str) -> Defaults:
+    """Defaults of the variant, or of the preset a custom size derives from ("flux-dev-like (custom size)")."""
+    base = variant.split("-like")[0].split(" ")[0]
+    if base in DEFAULTS:
+        return DEFAULTS[base]
+    return DEFAULTS["flux-dev"] if base.startswith("flux") else DEFAULTS["sd3.5-large"]
+
+
+def as_prompts(prompts: str | list[str]) -> list[str]:
+    return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images (rounded to 8 bits)."""
+    arr = (images.permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+class Pipeline:
+    """The parts of one model and the generation loop; `FluxPipeline` / `SD3Pipeline` add the family's specifics."""
+
+    family = ""
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        autoencoder: nn.Module,
+        encoders: dict[str, nn.Module | None],
+        tokenizers: dict[str, object | None],
+        name: str = "",
+        offload_encoders: bool = False,
+    ):
+        self.transformer, self.autoencoder = transformer, autoencoder
+        self.encoders, self.tokenizers = encoders, tokenizers
+        self.name = name  # where it was loaded from (repo id or path)
+        self.variant = variant_of(transformer, name)
+        self.defaults = defaults_for(self.variant)
+        self.offload_encoders = offload_encoders
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def _encode(self, role: str, prompts: list[str], **kwargs):
+        """Tokenize and run the encoder of `role` on the pipeline's device (sent back to CPU after if offloading)."""
+        enc, tok = self.encoders[role], self.tokenizers[role]
+        if self.offload_encoders:
+            enc.to(self.device)
+        ids = tok(prompts).to(self.device)
+        with torch.no_grad():
+            out = enc(ids, **kwargs)
+        if self.offload_encoders:
+            enc.to("cpu")
+        return out, ids
+
+    def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
+        """(context (B, L, D), pooled (B, P)): exactly what the transformer receives."""
+        raise NotImplementedError
+
+    def sigmas(self, steps: int, latent_h: int, latent_w: int) -> Tensor:
+        raise NotImplementedError
+
+    def _guidance(self, prompts: list[str], guidance: float, negative_prompt: str | list[str] | None, true_cfg: float):
+        """(negative Conditioning or None, cfg scale, distilled guidance or None)."""
+        raise NotImplementedError
+
+    def _conditioning(self, prompts: list[str]) -> Conditioning:
+        return Conditioning(*self.encode_prompt(prompts))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | list[str],
+        height: int = 1024,
+        width: int = 1024,
+        steps: int | None = None,
+        guidance: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        seed: int | None = None,
+        noise: Tensor | None = None,
+        temperature: TemperatureSpec = None,
+        sigmas: list[float] | Tensor | None = None,
+        true_cfg: float = 1.0,
+        gate_lora: bool = True,
+        decode_tile: int | None = None,
+        output: str = "pil",
+        progress: bool = False,
+    ):
+        """Images for the prompts.
+
+        noise: the initial latents (B, 16, H/8, W/8); else drawn from `seed` with a CPU generator.
+        temperature: TACA's: a number, a [2, 2] matrix, or a function of t (sampling/taca.py).
+        gate_lora: with a temperature given, LoRA adapters are on only where it is not 1.
+        sigmas: your own noise levels instead of the model's schedule.
+        decode_tile: tiled decoding (latent pixels per tile) for large images.
+        output: "pil" (list of images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent".
+        """
+        prompts = as_prompts(prompts)
+        if output not in ("pil", "tensor", "latent"):
+            raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
+        if height % 16 or width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+        steps = steps or self.defaults.steps
+        guidance = self.defaults.guidance if guidance is None else guidance
+        ae = self.autoencoder
+        h, w = height // ae.params.downscale, width // ae.params.downscale
+        shape = (len(prompts), ae.params.z_channels, h, w)
+        if noise is None:
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+            noise = torch.randn(shape, generator=gen)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {list(shape)} (B, 16, H/8, W/8), got {list(noise.shape)}")
+
+        cond = self._conditioning(prompts)
+        negative, cfg, distilled = self._guidance(prompts, guidance, negative_prompt, true_cfg)
+        velocity = guided_velocity(self.transformer, cond, negative, cfg, distilled, temperature, gate_lora)
+        schedule = given_sigmas(sigmas) if sigmas is not None else self.sigmas(steps, h, w)
+        latents = euler(velocity, noise.to(self.device, torch.float32), schedule.to(self.device), progress)
+        if output == "latent":
+            return latents
+        images = (ae.decode(latents.to(ae.dtype), tile=decode_tile).float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+        return images if output == "tensor" else to_pil(images)
+
+
+class FluxPipeline(Pipeline):
+    family = "flux"
+
+    def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
+        prompts = as_prompts(prompts)
+        context, _ = self._encode("t5", prompts)  # (B, L, 4096)
+        (hidden, _), ids = self._encode("clip_l", prompts)  # (B, 77, 768)
+        pooled = hidden[torch.arange(len(prompts)), ids.argmax(-1)]  # EOS state, unprojected
+        return context, pooled
+
+    def sigmas(self, steps: int, latent_h: int, latent_w: int) -> Tensor:
+        # dev-type models are shifted by the image size, schnell-type not (BFL's `shift=(name != "flux-schnell")`)
+        return flux_sigmas(steps, (latent_h // 2) * (latent_w // 2), shifted=self.transformer.params.guidance_embed)
+
+    def _guidance(self, prompts, guidance, negative_prompt, true_cfg):
+        distilled = guidance if self.transformer.params.guidance_embed else None
+        if negative_prompt is None or true_cfg <= 1:
+            return None, 1.0, distilled
+        return self._conditioning(_negatives(negative_prompt, len(prompts))), true_cfg, distilled
+
+
+class SD3Pipeline(Pipeline):
+    family = "sd3"
+
+    def __init__(self, *args, max_sequence_length: int = 256, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_sequence_length = max_sequence_length  # T5 tokens; also the zero block's length without T5
+
+    def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
+        prompts = as_prompts(prompts)
+        (l_hidden, l_pooled), _ = self._encode("clip_l", prompts, skip=1)  # (B, 77, 768), penultimate layer
+        (g_hidden, g_pooled), _ = self._encode("clip_g", prompts, skip=1)  # (B, 77, 1280)
+        width = self.transformer.params.context_in_dim
+        if self.encoders.get("t5") is not None:
+            t5, _ = self._encode("t5", prompts)  # (B, L, 4096)
+        else:
+            t5 = torch.zeros(len(prompts), self.max_sequence_length, width, device=self.device, dtype=l_hidden.dtype)
+        lg = torch.cat((l_hidden, g_hidden.to(l_hidden.dtype)), -1)  # (B, 77, 2048)
+        lg = nn.functional.pad(lg, (0, width - lg.shape[-1]))  # (B, 77, 4096)
+        context = torch.cat((lg, t5.to(lg.dtype)), 1)  # (B, 77 + L, 4096)
+        return context, torch.cat((l_pooled, g_pooled.to(l_pooled.dtype)), -1)  # (B, 2048)
+
+    def sigmas(self, steps: int, latent_h: int, latent_w: int) -> Tensor:
+        return sd3_sigmas(steps)
+
+    def _guidance(self, prompts, guidance, negative_prompt, true_cfg):
+        if guidance <= 1:
+            return None, 1.0, None
+        return self._conditioning(_negatives(negative_prompt or "", len(prompts))), guidance, None
+
+
+def _negatives(negative_prompt: str | list[str], n: int) -> list[str]:
+    negs = [negative_prompt] * n if isinstance(negative_prompt, str) else as_prompts(negative_prompt)
+    if len(negs) != n:
+        raise ValueError(f"{len(negs)} negative prompts for {n} prompts")
+    return negs
+
+
+PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline}

@@ -1,0 +1,65 @@
+"""TACA at sampling time: which temperature each step uses, and the gate that ties a TACA LoRA to it.
+
+The temperature of a run may be a number (the paper's gamma), a `[2, 2]` matrix (see
+mmdit/attention.py), or a function of the noise level t in [0, 1] returning either, or None.
+`TacaSchedule` is the paper's piecewise gamma: gamma0 while the model's timestep `1000 t` is at least
+970, 1 after; with FLUX-dev at 30 steps and 1024x1024 that is the first three steps, the steps the
+authors' code (Vchitect/TACA `if i < 3`) treats. A temperature equal to 1 is passed to the model as
+None: exactly plain attention, at no cost.
+
+The authors also enable their LoRA only in the steps where TACA is active and unload it after
+(../shared/FORMATS.md 7.5); `lora_gate` does that with `mmdit.lora.lora_enabled` (a no-op for a
+model without adapters; the gate can be turned off, leaving the LoRA on for every step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mmdit.attention import Temperature
+from mmdit.lora import lora_enabled
+
+TemperatureSpec = Temperature | Callable[[float], Temperature]
+
+
+@dataclass(frozen=True)
+class TacaSchedule:
+    """The paper's schedule: `gamma` while `t >= until` (the model's timestep `1000 t >= 970`), then plain attention."""
+
+    gamma: float = 1.2
+    until: float = 0.97
+
+    def __call__(self, t: float) -> float | None:
+        return self.gamma if float(t) >= self.until else None
+
+
+def is_plain(temperature: Temperature) -> bool:
+    """True when the temperature leaves attention unchanged (None, 1, or a matrix of ones)."""
+    if temperature is None:
+        return True
+    if isinstance(temperature, Tensor):
+        return bool((temperature == 1).all())
+    return float(temperature) == 1.0
+
+
+def temperature_at(spec: TemperatureSpec, t: float) -> Temperature:
+    """The temperature for noise level t, as the model takes it (None where it is 1)."""
+    value = spec(float(t)) if callable(spec) else spec
+    return None if is_plain(value) else value
+
+
+def lora_gate(model: nn.Module, active: bool) -> AbstractContextManager:
+    """Every LoRA adapter off for this step unless `active`; when active, the adapters keep their own states."""
+    return nullcontext() if active else lora_enabled(model, False)
+
+
+def repeat_for_batch(temperature: Temperature, n: int) -> Temperature:
+    """A per-sample temperature `[B, H, 2, 2]` repeated n times along the batch (for the CFG batch)."""
+    if isinstance(temperature, Tensor) and temperature.dim() == 4 and temperature.shape[0] > 1:
+        return torch.cat([temperature] * n)
+    return temperature

@@ -1,0 +1,263 @@
+"""Training data: image-caption pairs, cached once as latents and text embeddings, served in seeded batches.
+
+Sources: a folder of images with same-name `.txt` captions (searched recursively), or a JSONL manifest
+whose lines are `{"image": path, "caption": text}` (paths relative to the manifest). Each image is
+resized to cover the target size and center-cropped: a `resolution` square, or with `buckets` the
+aspect-ratio bucket of about `resolution**2` pixels closest to the image's.
+
+A first pass encodes every image with the autoencoder and every caption with the text encoders and
+writes one safetensors file per pair (`latent`, `context`, `pooled`) under the cache folder, named by
+a hash of the image file (path, size, mtime), the caption, the size settings and the encoders' tag:
+a later run (or a resumed one) finds them and does not load the encoders at all. Unreadable images
+are skipped with a warning naming them, and counted; a marker file remembers them (until the file
+changes). With several processes each encodes its share.
+
+Batches: `BatchSampler` is a pure function of (seed, step): per epoch, each bucket's members are
+shuffled and cut into global batches (the last one topped up from the bucket's start), and the
+batches shuffled. So a resumed run, or a run on any number of processes, sees the same samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+from torch import Tensor
+
+from convert.files import read_header, save_safetensors_atomic
+
+from . import distributed as dist
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ENCODE_BATCH = 8  # images (and captions) encoded at once in the caching pass
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Path
+    caption: str
+
+
+@dataclass
+class Encoders:
+    """What the caching pass needs from a pipeline: captions -> (context (B, L, D), pooled (B, P)),
+    images (B, 3, H, W) in [-1, 1] -> latents (B, 16, H/8, W/8), scaled for the transformer."""
+
+    encode_prompts: Callable[[list[str]], tuple[Tensor, Tensor]]
+    encode_images: Callable[[Tensor], Tensor]
+
+
+def encoders_from_pipeline(pipe) -> Encoders:
+    """The text encoders and autoencoder of a `sampling.Pipeline`."""
+    ae = pipe.autoencoder
+    return Encoders(pipe.encode_prompt, lambda images: ae.encode(images.to(ae.device, ae.dtype)))
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """An independent 63-bit seed for (seed, keys): every random draw of training is named this way."""
+    digest = hashlib.blake2b(json.dumps([seed, *keys]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def generator(seed: int, *keys: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
+
+
+# ---- finding the pairs ----
+
+
+def scan(data: str | Path) -> list[Item]:
+    """The (image, caption) pairs of a folder or a JSONL manifest; images without a caption are skipped (a warning)."""
+    data = Path(data)
+    if data.is_file() and data.suffix == ".jsonl":
+        return _manifest(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data}: no such folder or .jsonl manifest")
+    items, uncaptioned = [], []
+    for image in sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        caption = image.with_suffix(".txt")
+        if caption.is_file():
+            items.append(Item(image, caption.read_text(encoding="utf-8").strip()))
+        else:
+            uncaptioned.append(str(image))
+    if uncaptioned:
+        warnings.warn(f"{len(uncaptioned)} image(s) without a .txt caption are skipped: {', '.join(uncaptioned)}")
+    if not items:
+        raise ValueError(f"{data}: no image with a same-name .txt caption")
+    return items
+
+
+def _manifest(path: Path) -> list[Item]:
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            items.append(Item(path.parent / row["image"], str(row["caption"]).strip()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            expected = '{"image": path, "caption": text}'
+            raise ValueError(f"{path}:{n}: expected {expected}, got {line[:80]!r} ({e!r})") from None
+    if not items:
+        raise ValueError(f"{path}: empty manifest")
+    return items
+
+
+# ---- sizes and pixels ----
+
+
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """(height, width) buckets of at most resolution**2 pixels, sides multiples of 64 (16 below 256 px), aspect <= 2."""
+    step = 64 if resolution >= 256 and resolution % 64 == 0 else 16
+    area = resolution * resolution
+    sizes = set()
+    for w in range(step, 2 * resolution + 1, step):
+        h = area // w // step * step
+        if h >= step and max(h, w) <= 2 * min(h, w):
+            sizes.add((h, w))
+    return sorted(sizes)
+
+
+def target_size(width: int, height: int, resolution: int, buckets: bool) -> tuple[int, int]:
+    """(H, W) an image of this size is cropped to."""
+    if not buckets:
+        return resolution, resolution
+    ratio = math.log(width / height)
+    return min(bucket_sizes(resolution), key=lambda hw: abs(math.log(hw[1] / hw[0]) - ratio))
+
+
+def load_image(path: Path, resolution: int, buckets: bool) -> Tensor:
+    """(3, H, W) in [-1, 1]: resized to cover the target size (Lanczos), center-cropped. OSError if unreadable."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    H, W = target_size(im.width, im.height, resolution, buckets)
+    s = max(W / im.width, H / im.height)
+    w, h = max(W, round(im.width * s)), max(H, round(im.height * s))
+    im = im.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - W) // 2, (h - H) // 2
+    im = im.crop((left, top, left + W, top + H))
+    pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(H, W, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1
+
+
+# ---- the cache ----
+
+
+def cache_file(item: Item, cache_dir: Path, resolution: int, buckets: bool, tag: str) -> Path:
+    st = item.image.stat() if item.image.exists() else None
+    key = [str(item.image.resolve()), st and st.st_size, st and st.st_mtime_ns, item.caption, resolution, buckets, tag]
+    return cache_dir / f"{hashlib.sha1(json.dumps(key).encode()).hexdigest()}.safetensors"
+
+
+def _unreadable(cached: Path) -> Path:
+    """The marker of an image that could not be read (safetensors with no tensors; the error in its header)."""
+    return cached.with_suffix(".unreadable")
+
+
+@dataclass
+class CachedData:
+    """The cached pairs: files and latent sizes (h, w); `skipped`: the images that could not be read."""
+
+    files: list[Path]
+    sizes: list[tuple[int, int]]
+    skipped: int = 0
+    encoded: int = 0  # pairs encoded by this run (all processes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, indices: list[int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+        """(latents (B, 16, h, w), context (B, L, D), pooled (B, P)) of pairs of one bucket."""
+        rows = [load_file(self.files[i]) for i in indices]
+        return tuple(torch.stack([r[k] for r in rows]).to(device) for k in ("latent", "context", "pooled"))
+
+
+def _encode(pending: list[tuple[Item, Path]], resolution: int, buckets: bool, encoders: Encoders) -> None:
+    """Encode and write the pending pairs; unreadable images are skipped with a warning."""
+    images: dict[tuple[int, int], list[tuple[Item, Path, Tensor]]] = {}
+    for item, path in pending:
+        try:
+            x = load_image(item.image, resolution, buckets)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            warnings.warn(f"skipping unreadable image {item.image}: {e}")
+            save_safetensors_atomic({}, _unreadable(path), {"image": str(item.image), "error": str(e)})
+            continue
+        images.setdefault(tuple(x.shape[1:]), []).append((item, path, x))
+    with torch.no_grad():
+        for group in images.values():
+            for start in range(0, len(group), ENCODE_BATCH):
+                chunk = group[start : start + ENCODE_BATCH]
+                latents = encoders.encode_images(torch.stack([x for _, _, x in chunk]))  # (b, 16, h, w)
+                context, pooled = encoders.encode_prompts([item.caption for item, _, _ in chunk])
+                for i, (item, path, _) in enumerate(chunk):
+                    tensors = {"latent": latents[i], "context": context[i], "pooled": pooled[i]}
+                    save_safetensors_atomic(tensors, path, {"image": str(item.image), "caption": item.caption})
+
+
+def prepare(
+    items: list[Item],
+    cache_dir: str | Path,
+    resolution: int,
+    buckets: bool,
+    tag: str,
+    get_encoders: Callable[[], Encoders],
+) -> CachedData:
+    """Cache what is not cached yet (encoders loaded only then, each process taking every n-th pair) and
+    return the cached pairs. `tag` names the encoders (model source and dtype) in the cache keys."""
+    cache_dir = Path(cache_dir)
+    paths = [cache_file(it, cache_dir, resolution, buckets, tag) for it in items]
+    known_bad = [it.image for it, p in zip(items, paths) if _unreadable(p).is_file()]
+    pending = [(it, p) for it, p in zip(items, paths) if not p.is_file() and not _unreadable(p).is_file()]
+    dist.barrier()  # every process has seen the same pending list before any writes
+    if known_bad and dist.rank() == 0:
+        warnings.warn(f"skipping {len(known_bad)} image(s) found unreadable before: {', '.join(map(str, known_bad))}")
+    mine = pending[dist.rank() :: dist.world()]
+    if mine:
+        _encode(mine, resolution, buckets, get_encoders())
+    dist.barrier()
+    kept = [(it, p) for it, p in zip(items, paths) if p.is_file()]
+    if not kept:
+        raise ValueError(f"none of the {len(items)} images could be read")
+    sizes = [tuple(read_header(p)["latent"]["shape"][1:]) for _, p in kept]
+    return CachedData([p for _, p in kept], sizes, skipped=len(items) - len(kept),
+                      encoded=sum(p.is_file() for _, p in pending))
+
+
+# ---- batches ----
+
+
+class BatchSampler:
+    """Global batches of pair indices, all of one latent size, as a pure function of (seed, step)."""
+
+    def __init__(self, sizes: list[tuple[int, int]], batch_size: int, seed: int):
+        self.batch_size, self.seed = batch_size, seed
+        self.buckets: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(sizes):
+            self.buckets.setdefault(s, []).append(i)
+        self.per_epoch = sum(math.ceil(len(m) / batch_size) for m in self.buckets.values())
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        g = generator(self.seed, "epoch", epoch)
+        batches = []
+        for size in sorted(self.buckets):
+            members = self.buckets[size]
+            order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+            n = math.ceil(len(order) / self.batch_size) * self.batch_size
+            cycled = (order * math.ceil(n / len(order)))[:n]  # the last batch topped up from the start
+            batches += [cycled[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __call__(self, step: int) -> list[int]:
+        epoch, j = divmod(step, self.per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self._batches(epoch))
+        return self._epoch[1][j]

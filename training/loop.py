@@ -1,0 +1,284 @@
+"""The training loop: a LoRA on a frozen MM-DiT, trained with TACA's temperature in the forward.
+
+One optimizer step: the global batch (`batch_size` pairs, from the seeded `BatchSampler`) is split
+into `grad_accum` micro-batches, each split over the processes; every sample draws its noise and t
+from (seed, step, its index in the global batch), so 1 process with accumulation and N processes
+compute the same samples. Gradients are averaged over processes (training/distributed.py),
+clipped, and AdamW steps with a linear warm-up. Only the adapter's A and B matrices train, in
+float32; the base stays in `dtype` and the forward runs under bf16 autocast by default.
+
+Every `checkpoint_every` steps, on Ctrl-C or SIGTERM (after the current step) and at the end, a checkpoint is
+written atomically (training/checkpoint.py); `resume` continues from one exactly. A non-finite
+loss stops the run before the step is applied, naming the last good checkpoint. The result is
+`OUTPUT/lora.safetensors` (Diffusers/PEFT layout with TACA metadata, `convert.save_lora`) and
+`OUTPUT/log.jsonl`, one line per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import convert
+from mmdit.lora import inject_lora
+from sampling.taca import TacaSchedule
+
+from . import distributed as dist
+from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, prune, save_checkpoint
+from .config import TrainConfig
+from .data import BatchSampler, CachedData, Encoders, derive_seed, encoders_from_pipeline, prepare, scan
+from .loss import batch_temperature, draw, flow_matching_loss
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "taca"  # the adapter's name inside the model
+# settings a resumed run may change without breaking the continuation
+RESUMABLE_CHANGES = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "device", "cache"}
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss); the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the transformer with the trained adapter `ADAPTER`
+    losses: list[float]  # the global mean loss of each step this run made
+    step: int  # optimizer steps done in total
+    interrupted: bool  # stopped by Ctrl-C (a checkpoint was written, no LoRA file)
+    data: CachedData
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over `warmup_steps` (step 0 gets lr / warmup_steps), then constant."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) asks the loop to stop after the current step;
+    the same signal again acts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self._previous[signum])
+        log.warning("%s: stopping after this step and writing a checkpoint (again to quit at once)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    return torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
+
+
+def _load(cfg: TrainConfig, device: torch.device, model: nn.Module | None, encoders: Encoders | None):
+    """(transformer, cached data): the pipeline's encoders are loaded only if something is not cached yet."""
+    dtype = getattr(torch, cfg.dtype)
+    loaded = {}
+
+    def get_encoders() -> Encoders:
+        if encoders is not None:
+            return encoders
+        from sampling import load_pipeline
+
+        loaded["pipe"] = pipe = load_pipeline(cfg.model, device=device, dtype=dtype)
+        return encoders_from_pipeline(pipe)
+
+    data = prepare(scan(cfg.data), cfg.cache_dir, cfg.resolution, cfg.buckets, f"{cfg.model}|{cfg.dtype}", get_encoders)
+    if model is None and "pipe" in loaded:
+        model = loaded["pipe"].transformer
+    loaded.clear()  # the encoders go
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if model is None:
+        from sampling.hub import resolve
+
+        model = convert.load_transformer(resolve(cfg.model)[0], device=device, dtype=dtype)
+    return model.to(device), data
+
+
+def _start(cfg: TrainConfig, params: dict, optimizer, out: Path) -> int:
+    """The step to start from: 0, or a checkpoint's (restored in place); the log is cut to match."""
+    ckpt_dir = out / "checkpoints"
+    existing = list_checkpoints(ckpt_dir)
+    if cfg.resume is None:
+        start = 0
+    elif cfg.resume == "latest" and not existing:
+        log.warning("no checkpoint in %s: starting from step 0", ckpt_dir)
+        start = 0
+    else:
+        path = existing[-1] if cfg.resume == "latest" else Path(cfg.resume)
+        start, saved = load_checkpoint(path, params, optimizer)
+        now = dataclasses.asdict(cfg)
+        changed = sorted(k for k, v in now.items() if saved.get(k, v) != v and k not in RESUMABLE_CHANGES)
+        if changed:
+            log.warning("resuming with changed settings %s: the run will not repeat an uninterrupted one", changed)
+        log.info("resumed from %s at step %d", path, start)
+    if dist.rank() == 0:
+        log_file = out / "log.jsonl"
+        lines = log_file.read_text().splitlines() if start and log_file.is_file() else []
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("".join(f"{ln}\n" for ln in lines if json.loads(ln)["step"] <= start))
+    return start
+
+
+def _lora(cfg: TrainConfig, model: nn.Module) -> dict[str, nn.Parameter]:
+    """Freeze the model, add the adapter (seeded, the same in every process); its parameters by name."""
+    model.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    inject_lora(model, ADAPTER, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, dtype=torch.float32)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    dist.broadcast_(list(params.values()))
+    model.train()
+    if cfg.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing"):
+            raise ValueError(f"{type(model).__name__} has no gradient checkpointing")
+        model.gradient_checkpointing = True
+    return params
+
+
+def _accumulate(
+    cfg: TrainConfig, model: nn.Module, data: CachedData, batch: list[int], step: int, stats: torch.Tensor
+) -> None:
+    """Forward and backward of this process's share of the global batch (`grad_accum` micro-batches).
+
+    Fills stats[:B] with the t of this process's samples (others stay 0) and adds its share of the
+    mean loss to stats[B]: summed over processes, they are the global batch's."""
+    rank, world, device = dist.rank(), dist.world(), stats.device
+    micro = cfg.batch_size // cfg.grad_accum
+    local = micro // world
+    schedule = TacaSchedule(cfg.taca_gamma, cfg.t_min)
+    guided = getattr(model, "guidance_in", None) is not None  # FLUX-dev type: distilled guidance is an input
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    torch.manual_seed(derive_seed(cfg.seed, "dropout", step, rank))
+    for m in range(cfg.grad_accum):
+        js = range(m * micro + rank * local, m * micro + (rank + 1) * local)  # indices in the global batch
+        x0, context, pooled = data.load([batch[j] for j in js], device)
+        noise, t = zip(*(draw(cfg.seed, step, j, tuple(x0.shape[1:]), cfg.timesteps, cfg.t_min) for j in js))
+        noise, t = torch.stack(noise).to(device), torch.cat(t).to(device)
+        guidance = torch.full((local,), cfg.guidance, device=device) if guided else None
+        with autocast:
+            loss = flow_matching_loss(model, x0, noise, t, context, pooled, guidance, batch_temperature(schedule, t))
+        (loss / cfg.grad_accum).backward()
+        stats[list(js)] = t.float()
+        stats[cfg.batch_size] += loss.detach().float() / (cfg.grad_accum * world)
+
+
+def train(
+    cfg: TrainConfig,
+    model: nn.Module | None = None,
+    encoders: Encoders | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train a TACA LoRA as `cfg` says. `model` / `encoders`: already loaded parts (default: from `cfg.model`).
+    `on_step(step, loss)` is called after every step. Joins torchrun's process group if there is one."""
+    device = _device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_from_env(device.type)
+    rank, world = dist.rank(), dist.world()
+    if (cfg.batch_size // cfg.grad_accum) % world:
+        raise ValueError(f"batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} pairs per micro-step "
+                         f"do not split over {world} processes")
+    out, B = Path(cfg.output), cfg.batch_size
+    ckpt_dir = out / "checkpoints"
+    if cfg.resume is None and list_checkpoints(ckpt_dir):
+        raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                              "or choose another output folder")
+
+    model, data = _load(cfg, device, model, encoders)
+    if rank == 0:
+        log.info("%d pairs (%d encoded now, %d unreadable images skipped)", len(data), data.encoded, data.skipped)
+    params = _lora(cfg, model)
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = _start(cfg, params, optimizer, out)
+    sampler = BatchSampler(data.sizes, B, cfg.seed)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and rank == 0))
+
+    def save(step: int) -> None:
+        if rank == 0:
+            save_checkpoint(checkpoint_path(ckpt_dir, step), step, params, optimizer, cfg.to_json())
+            prune(ckpt_dir, cfg.keep_checkpoints)
+
+    step, losses, interrupted = start, [], False
+    with StopOnSignal() as stop:
+        while step < cfg.steps and not interrupted:
+            t0 = time.perf_counter()
+            optimizer.zero_grad()
+            stats = torch.zeros(B + 2, device=device)  # [t of each sample | loss | stop], summed over processes
+            _accumulate(cfg, model, data, sampler(step), step, stats)
+            stats[B + 1] = float(stop.requested)
+            dist.all_sum(stats)
+            loss = stats[B].item()
+            if not math.isfinite(loss):
+                good = list_checkpoints(ckpt_dir)
+                raise TrainingError(
+                    f"loss is {loss} at step {step + 1}: stopped before applying it; the last good checkpoint is "
+                    + (str(good[-1]) if good else "none (no checkpoint written yet)")
+                )
+            for p in params.values():  # an adapter the forward did not reach still steps (as in every process)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            dist.average_gradients(list(params.values()))
+            clip = cfg.max_grad_norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), clip).item() if clip else None
+            lr = lr_at(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            step += 1
+            losses.append(loss)
+            seconds = time.perf_counter() - t0
+            if rank == 0:
+                entry = dict(step=step, loss=loss, lr=lr, t_min=stats[:B].min().item(), t_max=stats[:B].max().item(),
+                             grad_norm=grad_norm, seconds=round(seconds, 4))
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{B / seconds:.2f}")
+            if on_step is not None:
+                on_step(step, loss)
+            interrupted = bool(stats[B + 1] > 0)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps and not interrupted:
+                save(step)
+    bar.close()
+    save(step)
+    if interrupted:
+        log.warning("interrupted at step %d: %s written; continue with --resume", step, checkpoint_path(ckpt_dir, step))
+    elif rank == 0:
+        meta = {"taca.gamma": cfg.taca_gamma, "taca.until": cfg.t_min, "train.steps": step,
+                "train.config": cfg.to_json()}
+        convert.save_lora(model, out / "lora.safetensors", ADAPTER, meta)
+        log.info("wrote %s", out / "lora.safetensors")
+    dist.barrier()
+    model.eval()
+    return TrainResult(model, losses, step, interrupted, data)
