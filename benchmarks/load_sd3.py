@@ -120,7 +120,7 @@ def main() -> None:
 
     import torch
 
-    from convert.synthetic import preset_params, random_checkpoint
+    from convert.synthetic import random_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="load_sd3.", dir=args.dir))
     try:

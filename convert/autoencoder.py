@@ -22,8 +22,7 @@ import torch
 from mmdit.autoencoder import AutoEncoder, AutoEncoderParams, preset
 
 from .files import Checkpoint, CheckpointError, load_state_dict_strict
-from .flux import _count
-from .mapping import KeyMap
+from .mapping import KeyMap, block_count
 
 PREFIXES = ("first_stage_model.", "vae.")  # SAI single files; ComfyUI all-in-one files
 _W = r"(weight|bias)"
@@ -64,11 +63,11 @@ def params_from_shapes(shapes: Mapping[str, list[int]], family: str) -> AutoEnco
         return shapes[k]
 
     ch, in_channels = get("encoder.conv_in.weight")[:2]
-    n_levels = _count(shapes, r"encoder\.down\.(\d+)\.")
+    n_levels = block_count(shapes, r"encoder\.down\.(\d+)\.")
     return preset(
         family, ch=ch, in_channels=in_channels,
         ch_mult=tuple(get(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(n_levels)),
-        num_res_blocks=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
+        num_res_blocks=block_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
         z_channels=get("decoder.conv_in.weight")[1], out_ch=get("decoder.conv_out.weight")[0],
     )
 
@@ -130,7 +129,7 @@ def load_autoencoder(path, family: str = "flux", device="cpu", dtype: torch.dtyp
     source = str(path)
     dtype = dtype or ckpt.storage_dtype()
     if any(k.startswith("encoder.down_blocks.") for k in ckpt):
-        keymap = diffusers_to_ldm(_count(ckpt, r"encoder\.down_blocks\.(\d+)\."))
+        keymap = diffusers_to_ldm(block_count(ckpt, r"encoder\.down_blocks\.(\d+)\."))
         shapes = {ours: ckpt.shape(srcs[0]) for ours, srcs in keymap.plan(ckpt).items()}
         tensors = keymap.tensors(ckpt, dtype, device)
     else:

@@ -7,12 +7,11 @@ single block's `linear1` into `to_q/to_k/to_v/proj_mlp`) and stores the final ad
 
 from __future__ import annotations
 
-import re
 
 from mmdit.flux import PRESETS, FluxParams
 
 from .files import CheckpointError
-from .mapping import KeyMap
+from .mapping import KeyMap, block_count
 
 PROBE_BFL = "double_blocks.0.img_attn.qkv.weight"
 PROBE_DIFFUSERS = "single_transformer_blocks.0.attn.to_q.weight"
@@ -60,13 +59,6 @@ DIFFUSERS_TO_BFL = KeyMap(
 )
 
 
-def _count(keys, pattern: str) -> int:
-    idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    if idx and idx != set(range(len(idx))):
-        raise CheckpointError(f"block indices are not contiguous: {sorted(idx)} ({pattern})")
-    return len(idx)
-
-
 def params_from_bfl(ckpt) -> FluxParams:
     """The config implied by BFL keys and shapes (axes_dim: (16, 56, 56) scaled to the head dim)."""
     def shape(k):
@@ -84,8 +76,8 @@ def params_from_bfl(ckpt) -> FluxParams:
         hidden_size=hidden,
         mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
         num_heads=hidden // head_dim,
-        depth=_count(ckpt, r"double_blocks\.(\d+)\."),
-        depth_single_blocks=_count(ckpt, r"single_blocks\.(\d+)\."),
+        depth=block_count(ckpt, r"double_blocks\.(\d+)\."),
+        depth_single_blocks=block_count(ckpt, r"single_blocks\.(\d+)\."),
         axes_dim=default_axes(head_dim),
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in ckpt,
         guidance_embed="guidance_in.in_layer.weight" in ckpt,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,31 @@ import torch
 from mmdit import build_model
 
 from . import flux as flux_fmt
+from . import sd3 as sd3_fmt
 from .files import FLOAT8, Checkpoint, CheckpointError, load_state_dict_strict
 from .mapping import KeyMap
+
+@dataclass(frozen=True)
+class Family:
+    """How to recognize one family's layouts and read its config (the native layout's keys are ours)."""
+
+    family: str
+    native: str  # "bfl" | "sai"
+    probe_native: str  # a key only the native layout has
+    params_from_native: Callable
+    diffusers_class: str
+    probe_diffusers: str
+    params_from_diffusers_config: Callable
+    diffusers_keymap: Callable[[object], KeyMap]
+    variant_name: Callable[[object], str]
+
+
+FAMILIES = [
+    Family("flux", "bfl", flux_fmt.PROBE_BFL, flux_fmt.params_from_bfl, "FluxTransformer2DModel", flux_fmt.PROBE_DIFFUSERS,
+           flux_fmt.params_from_diffusers_config, lambda p: flux_fmt.DIFFUSERS_TO_BFL, flux_fmt.variant_name),
+    Family("sd3", "sai", sd3_fmt.PROBE_SAI, sd3_fmt.params_from_sai, "SD3Transformer2DModel", sd3_fmt.PROBE_DIFFUSERS,
+           sd3_fmt.params_from_diffusers_config, sd3_fmt.diffusers_to_sai, sd3_fmt.variant_name),
+]
 
 # Prefixes under which single files carry the transformer, and the parts that belong to other loaders.
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -79,26 +103,15 @@ def detect_transformer(path) -> Detected:
         raise CheckpointError(f"{src}: holds no transformer weights (only {', '.join(OTHER_PARTS)} parts?)")
 
     cls = (config or {}).get("_class_name", "")
-    if flux_fmt.PROBE_BFL in ckpt:
-        p = flux_fmt.params_from_bfl(ckpt)
-        return Detected("flux", "bfl", flux_fmt.variant_name(p), p, ckpt, None, src)
-    if cls == "FluxTransformer2DModel" or flux_fmt.PROBE_DIFFUSERS in ckpt:
-        if config is None:
-            raise CheckpointError(f"{src}: Diffusers-layout FLUX weights need the folder's config.json beside them")
-        p = flux_fmt.params_from_diffusers_config(config)
-        return Detected("flux", "diffusers", flux_fmt.variant_name(p), p, ckpt, flux_fmt.DIFFUSERS_TO_BFL, src)
-
-    from . import sd3 as sd3_fmt
-
-    if sd3_fmt.PROBE_SAI in ckpt:
-        p = sd3_fmt.params_from_sai(ckpt)
-        return Detected("sd3", "sai", sd3_fmt.variant_name(p), p, ckpt, None, src)
-    if cls == "SD3Transformer2DModel" or sd3_fmt.PROBE_DIFFUSERS in ckpt:
-        if config is None:
-            raise CheckpointError(f"{src}: Diffusers-layout SD3 weights need the folder's config.json beside them")
-        p = sd3_fmt.params_from_diffusers_config(config)
-        return Detected("sd3", "diffusers", sd3_fmt.variant_name(p), p, ckpt, sd3_fmt.diffusers_to_sai(p), src)
-
+    for f in FAMILIES:
+        if f.probe_native in ckpt:
+            p = f.params_from_native(ckpt)
+            return Detected(f.family, f.native, f.variant_name(p), p, ckpt, None, src)
+        if cls == f.diffusers_class or f.probe_diffusers in ckpt:
+            if config is None:
+                raise CheckpointError(f"{src}: Diffusers-layout {f.family} weights need the folder's config.json beside them")
+            p = f.params_from_diffusers_config(config)
+            return Detected(f.family, "diffusers", f.variant_name(p), p, ckpt, f.diffusers_keymap(p), src)
     first = ", ".join(list(ckpt)[:3])
     raise CheckpointError(
         f"{src}: unsupported layout: not a FLUX (BFL or Diffusers) or SD3 (SAI or Diffusers) transformer; "

@@ -19,6 +19,14 @@ import torch
 from .files import CheckpointError
 
 
+def block_count(keys, pattern: str) -> int:
+    """How many blocks `pattern` (one group: the index) finds in `keys`; indices must be 0..n-1."""
+    idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    if idx and idx != set(range(len(idx))):
+        raise CheckpointError(f"block indices are not contiguous: {sorted(idx)} ({pattern})")
+    return len(idx)
+
+
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """`[a; b] -> [b; a]` along dim 0: Diffusers' `AdaLayerNormContinuous` is (scale, shift), ours (shift, scale)."""
     a, b = t.chunk(2, dim=0)

@@ -14,8 +14,7 @@ import re
 from mmdit.sd3 import PRESETS, SD3Params
 
 from .files import CheckpointError
-from .flux import _count
-from .mapping import KeyMap
+from .mapping import KeyMap, block_count
 
 PROBE_SAI = "joint_blocks.0.context_block.attn.qkv.weight"
 PROBE_DIFFUSERS = "pos_embed.pos_embed"  # FLUX's Diffusers layout has no position table
@@ -43,7 +42,7 @@ def params_from_sai(ckpt) -> SD3Params:
     head_dim = shape("joint_blocks.0.x_block.attn.ln_q.weight")[0] if qk_norm else 64
     attn2 = {int(m[1]) for k in keys if (m := re.fullmatch(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight", k))}
     return SD3Params(
-        depth=_count(keys, r"joint_blocks\.(\d+)\."),
+        depth=block_count(keys, r"joint_blocks\.(\d+)\."),
         hidden_size=hidden,
         num_heads=hidden // head_dim,
         patch_size=patch,

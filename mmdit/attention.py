@@ -12,6 +12,11 @@ Scaling key j by c scales its logit by c for every query, so for the queries of 
 temperature is a rescaling of the keys. Two fused SDPA calls, one per query modality, each with its
 keys rescaled by its row of T, compute the exact result; no `[L, L]` tensor is ever built.
 
+Observers (the attention probe, mmdit/probe.py) can watch every call: each function in `OBSERVERS`
+is called as `f(q, k, n_txt, temperature)` before the attention is computed. The list is empty
+unless a probe runs, and then the cost is one check of an empty list (no graph break under
+`torch.compile`).
+
 `temperature` may be:
 - `None`: plain SDPA (one call);
 - a float gamma: the paper's TACA, `T = [[1, 1], [gamma, 1]]` (text queries take the plain call);
@@ -21,12 +26,15 @@ keys rescaled by its row of T, compute the exact result; no `[L, L]` tensor is e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Temperature = float | Tensor | None
+Observer = Callable[[Tensor, Tensor, int, Temperature], None]  # f(q, k, n_txt, temperature)
+OBSERVERS: list[Observer] = []
 
 
 def taca_matrix(gamma: float) -> Tensor:
@@ -66,6 +74,8 @@ def _scaled_keys(k: Tensor, n_txt: int, row: Tensor) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, n_txt: int, temperature: Temperature = None) -> Tensor:
     """Joint attention. q, k, v: (B, H, L, D), text first; returns (B, L, H*D)."""
     _check(q, n_txt)
+    for observe in OBSERVERS:
+        observe(q, k, n_txt, temperature)
     if temperature is None or n_txt in (0, q.shape[2]):
         # One modality only: T[m][m] applies (the paper's gamma leaves it at 1).
         if isinstance(temperature, Tensor):

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .layers import WeightsModule
+
 
 @dataclass(frozen=True)
 class AutoEncoderParams:
@@ -239,7 +241,7 @@ def tiled(fn: Callable[[Tensor], Tensor], z: Tensor, tile: int, overlap: int, fa
     return (out / weight).to(part.dtype)
 
 
-class AutoEncoder(nn.Module):
+class AutoEncoder(WeightsModule):
     """`encode(images in [-1, 1]) -> scaled latents`, `decode(latents) -> images`; keys `encoder.*`, `decoder.*`."""
 
     def __init__(self, params: AutoEncoderParams):
@@ -248,13 +250,6 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(params)
         self.decoder = Decoder(params)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.encoder.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.conv_in.weight.device
 
     def encode(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, z, H/f, W/f) = scale * (posterior mean - shift); f = 8 for the real model."""

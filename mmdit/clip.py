@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .layers import WeightsModule
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
     "gelu": F.gelu,  # OpenCLIP (erf form)
@@ -118,7 +120,7 @@ class TextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
 
-class CLIPTextEncoder(nn.Module):
+class CLIPTextEncoder(WeightsModule):
     """`enc(input_ids (B, L), skip=0) -> (hidden (B, L, width), pooled (B, projection_dim or width))`.
 
     hidden: with skip=0 the last layer's output after the final norm; otherwise the output of the
@@ -131,13 +133,6 @@ class CLIPTextEncoder(nn.Module):
         self.text_model = TextTransformer(cfg)
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_model.final_layer_norm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_model.final_layer_norm.weight.device
 
     def forward(self, input_ids: Tensor, skip: int = 0) -> tuple[Tensor, Tensor]:
         tm, n = self.text_model, self.cfg.layers

@@ -11,15 +11,26 @@ Interface (shared by every family): `model(x, t, context, pooled, guidance=None,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import Temperature, attention
-from .layers import MLPEmbedder, Modulation, RMSNorm, apply_rope, modulations, rope_cos_sin, timestep_embedding
+from .layers import (
+    LastLayer,
+    MLPEmbedder,
+    Modulation,
+    RMSNorm,
+    WeightsModule,
+    apply_rope,
+    layer_norm,
+    modulations,
+    rope_cos_sin,
+    run_block,
+    timestep_embedding,
+)
 
 
 @dataclass(frozen=True)
@@ -107,10 +118,6 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-def layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-
 def rope_qk(q: Tensor, k: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return apply_rope(q, *pe), apply_rope(k, *pe)
 
@@ -166,18 +173,6 @@ class SingleStreamBlock(nn.Module):
         return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), -1))
 
 
-class LastLayer(nn.Module):
-    def __init__(self, hidden: int, out_channels: int):
-        super().__init__()
-        self.norm_final = layer_norm(hidden)
-        self.linear = nn.Linear(hidden, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = modulations(self.adaLN_modulation(vec), 2)  # BFL order: shift first
-        return self.linear(Modulation(shift, scale)(self.norm_final(x)))
-
-
 def image_ids(h: int, w: int, device=None) -> Tensor:
     """Position ids of the packed image tokens: (h*w, 3) = (0, row, col), row-major."""
     ids = torch.zeros(h, w, 3, device=device)
@@ -186,7 +181,7 @@ def image_ids(h: int, w: int, device=None) -> Tensor:
     return ids.reshape(h * w, 3)
 
 
-class Flux(nn.Module):
+class Flux(WeightsModule):
     family = "flux"
 
     def __init__(self, params: FluxParams = PRESETS["flux-dev"]):
@@ -202,15 +197,6 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(p) for _ in range(p.depth_single_blocks))
         self.final_layer = LastLayer(h, p.out_channels)
         self.gradient_checkpointing = False
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
-
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(
         self,
@@ -250,9 +236,9 @@ class Flux(nn.Module):
         pe = rope_cos_sin(ids[None], list(self.params.axes_dim), self.params.theta)  # (1, 1, L, D/2) each
 
         for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec_silu, pe, temperature)
+            img, txt = run_block(self, block, img, txt, vec_silu, pe, temperature)
         seq = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            seq = self._run(block, seq, vec_silu, pe, n_txt, temperature)
+            seq = run_block(self, block, seq, vec_silu, pe, n_txt, temperature)
         out = self.final_layer(seq[:, n_txt:], vec)  # (B, L_img, out_channels)
         return rearrange(out, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=H // 2, ph=2, pw=2).to(x.dtype)

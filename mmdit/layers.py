@@ -11,6 +11,31 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+class WeightsModule(nn.Module):
+    """An nn.Module that reports the dtype and device of its (first) weights."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def run_block(model: nn.Module, block: nn.Module, *args):
+    """`block(*args)`, recomputed in the backward pass when `model.gradient_checkpointing` is set."""
+    if getattr(model, "gradient_checkpointing", False) and model.training and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """LayerNorm without affine weights (adaLN supplies scale and shift), eps 1e-6."""
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
@@ -67,6 +92,20 @@ class Modulation:
 def modulations(emb: Tensor, n: int) -> list[Tensor]:
     """Split an adaLN output (B, n*D) into n chunks of (B, 1, D)."""
     return list(emb[:, None, :].chunk(n, dim=-1))
+
+
+class LastLayer(nn.Module):
+    """adaLN (shift first, as in BFL and SAI), then the projection to patch values."""
+
+    def __init__(self, hidden: int, out_features: int):
+        super().__init__()
+        self.norm_final = layer_norm(hidden)
+        self.linear = nn.Linear(hidden, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = modulations(self.adaLN_modulation(vec), 2)
+        return self.linear(Modulation(shift, scale)(self.norm_final(x)))
 
 
 # ---- Rotary position embedding (FLUX): interleaved pairs, per-axis frequencies ----

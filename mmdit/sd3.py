@@ -21,11 +21,9 @@ from dataclasses import dataclass, replace
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import Temperature, attention
-from .flux import LastLayer, layer_norm
-from .layers import Modulation, RMSNorm, modulations, timestep_embedding
+from .layers import LastLayer, Modulation, RMSNorm, WeightsModule, layer_norm, modulations, run_block, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -197,7 +195,7 @@ class JointBlock(nn.Module):
         return context, x
 
 
-class SD3(nn.Module):
+class SD3(WeightsModule):
     family = "sd3"
 
     def __init__(self, params: SD3Params = PRESETS["sd3.5-large"]):
@@ -213,15 +211,6 @@ class SD3(nn.Module):
         self.joint_blocks = nn.ModuleList(JointBlock(p, i) for i in range(p.depth))
         self.final_layer = LastLayer(h, p.patch_size**2 * p.out_channels)
         self.gradient_checkpointing = False
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x_embedder.proj.weight.dtype
-
-    def _run(self, block, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The center h x w window of the P x P position table: (1, h*w, D)."""
@@ -264,6 +253,6 @@ class SD3(nn.Module):
         txt = self.context_embedder(context.to(dt))  # (B, L_txt, D)
 
         for block in self.joint_blocks:
-            txt, img = self._run(block, txt, img, c, temperature)
+            txt, img = run_block(self, block, txt, img, c, temperature)
         out = self.final_layer(img, c)  # (B, h*w, p*p*C_out), features ordered (py, px, c)
         return rearrange(out, "B (h w) (ph pw C) -> B C (h ph) (w pw)", h=h, ph=p.patch_size, pw=p.patch_size).to(x.dtype)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layers import RMSNorm
+from .layers import RMSNorm, WeightsModule
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class Stack(nn.Module):
         self.final_layer_norm = RMSNorm(cfg.d_model, weight_name="weight", eps=cfg.eps)
 
 
-class T5Encoder(nn.Module):
+class T5Encoder(WeightsModule):
     """`enc(input_ids (B, L)) -> hidden (B, L, d_model)`, after the final norm, in the weights' dtype."""
 
     def __init__(self, cfg: T5Config):
@@ -153,13 +153,6 @@ class T5Encoder(nn.Module):
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)  # the file may call it encoder.embed_tokens
         self.encoder = Stack(cfg)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.shared.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.shared.weight.device
 
     def forward(self, input_ids: Tensor) -> Tensor:
         x = self.shared(input_ids).float()  # (B, L, D)
