@@ -61,11 +61,17 @@ def read_header(path: str | os.PathLike) -> dict:
 
 
 class Checkpoint(Mapping):
-    """Lazy view of safetensors files: `ckpt[key]` reads one tensor; `shape(key)`, `dtype(key)` read nothing."""
+    """Lazy view of safetensors files: `ckpt[key]` reads one tensor; `shape(key)`, `dtype(key)` read nothing.
 
-    def __init__(self, files: Iterable[str | os.PathLike], _entries: dict | None = None, metadata=None):
+    ComfyUI "scaled fp8" files are dequantized transparently: their `scaled_fp8` marker and the
+    `<layer>.scale_weight` / `.scale_input` tensors are not keys of the view, and loading
+    `<layer>.weight` gives `W_fp8 * scale_weight` (FORMATS.md 1.6).
+    """
+
+    def __init__(self, files: Iterable[str | os.PathLike], _entries: dict | None = None, metadata=None, _scales=None):
         self.files = [Path(f) for f in files]
         self.metadata: dict[str, str] = dict(metadata or {})
+        self._scales: dict[str, tuple] = _scales or {}  # weight key -> entry of its scale_weight
         if _entries is not None:
             self._entries = _entries
             return
@@ -84,6 +90,10 @@ class Checkpoint(Mapping):
                 if end - begin != math.prod(info["shape"]) * dtype.itemsize:
                     raise CheckpointError(f"{f}: key {name!r}: data size does not match shape {info['shape']}")
                 self._entries[name] = (f, start + begin, list(info["shape"]), dtype)
+        for k in [k for k in self._entries if k.endswith(("scaled_fp8", ".scale_weight", ".scale_input"))]:
+            entry = self._entries.pop(k)
+            if k.endswith(".scale_weight"):
+                self._scales[k[: -len("scale_weight")] + "weight"] = entry
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
@@ -137,35 +147,22 @@ class Checkpoint(Mapping):
         loading costs no copy and edits (a LoRA merge) never reach the file. To be cast: read into a
         buffer of its own, cast, and the buffer is freed, so no mapped pages pile up.
         """
-        file, offset, shape, stored = self._entries[key]
-        n = math.prod(shape) * stored.itemsize
-        if n == 0:
-            return torch.empty(shape, dtype=dtype if dtype is not None else stored, device=device)
-        with open(file, "rb") as f:
-            if dtype is None or dtype == stored or not stored.is_floating_point:
-                start = offset - offset % mmap.ALLOCATIONGRANULARITY
-                try:
-                    buf = mmap.mmap(f.fileno(), offset - start + n, access=mmap.ACCESS_COPY, offset=start)
-                except ValueError:
-                    raise CheckpointError(f"{file}: truncated file (key {key!r})") from None
-                t = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=offset - start)
-                return t.view(stored).reshape(shape).to(device)
-            buf = bytearray(n)
-            f.seek(offset)
-            if f.readinto(buf) != n:
-                raise CheckpointError(f"{file}: truncated file (key {key!r})")
-        return torch.frombuffer(buf, dtype=torch.uint8).view(stored).reshape(shape).to(device=device, dtype=dtype)
+        if key in self._scales:  # scaled fp8: W = W_fp8 * scale_weight, computed in fp32
+            w = _read(self._entries[key], torch.float32, "cpu") * _read(self._scales[key], torch.float32, "cpu")
+            return w.to(device=device, dtype=dtype or torch.bfloat16)
+        return _read(self._entries[key], dtype, device)
 
     def with_prefix(self, prefix: str) -> "Checkpoint":
         """The keys under `prefix`, with the prefix removed (a view, nothing is read)."""
         entries = {k[len(prefix):]: v for k, v in self._entries.items() if k.startswith(prefix)}
-        return Checkpoint(self.files, _entries=entries, metadata=self.metadata)
+        scales = {k[len(prefix):]: v for k, v in self._scales.items() if k.startswith(prefix)}
+        return Checkpoint(self.files, _entries=entries, metadata=self.metadata, _scales=scales)
 
     def without_prefixes(self, prefixes: Iterable[str]) -> "Checkpoint":
         """All keys except those under any of `prefixes` (e.g. bundled encoders)."""
         prefixes = tuple(prefixes)
         entries = {k: v for k, v in self._entries.items() if not k.startswith(prefixes)}
-        return Checkpoint(self.files, _entries=entries, metadata=self.metadata)
+        return Checkpoint(self.files, _entries=entries, metadata=self.metadata, _scales=self._scales)
 
     def storage_dtype(self) -> torch.dtype:
         """The most common floating dtype among the tensors (what the file 'is')."""
@@ -177,6 +174,28 @@ class Checkpoint(Mapping):
                     n *= s
                 counts[dt] = counts.get(dt, 0) + n
         return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _read(entry: tuple, dtype: torch.dtype | None, device) -> torch.Tensor:
+    """Read one tensor entry (file, offset, shape, dtype): see `Checkpoint.load`."""
+    file, offset, shape, stored = entry
+    n = math.prod(shape) * stored.itemsize
+    if n == 0:
+        return torch.empty(shape, dtype=dtype if dtype is not None else stored, device=device)
+    with open(file, "rb") as f:
+        if dtype is None or dtype == stored or not stored.is_floating_point:
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            try:
+                buf = mmap.mmap(f.fileno(), offset - start + n, access=mmap.ACCESS_COPY, offset=start)
+            except ValueError:
+                raise CheckpointError(f"{file}: truncated file (at byte {offset})") from None
+            t = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=offset - start)
+            return t.view(stored).reshape(shape).to(device)
+        buf = bytearray(n)
+        f.seek(offset)
+        if f.readinto(buf) != n:
+            raise CheckpointError(f"{file}: truncated file (at byte {offset})")
+    return torch.frombuffer(buf, dtype=torch.uint8).view(stored).reshape(shape).to(device=device, dtype=dtype)
 
 
 def load_state_dict_strict(

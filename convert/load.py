@@ -67,8 +67,7 @@ class Detected:
 
     @property
     def num_params(self) -> int:
-        skip = (".scale_weight", ".scale_input")
-        return sum(math.prod(self.ckpt.shape(k)) for k in self.ckpt if not k.endswith(skip) and k != "scaled_fp8")
+        return sum(math.prod(self.ckpt.shape(k)) for k in self.ckpt)
 
     def build(self) -> torch.nn.Module:
         return build_model(self.params)
@@ -120,19 +119,10 @@ def detect_transformer(path) -> Detected:
 
 
 def _ours(d: Detected, dtype: torch.dtype, device) -> dict:
-    """Lazy loaders of our state dict; ComfyUI scaled-fp8 weights are dequantized (W * scale_weight)."""
+    """Lazy loaders of our state dict."""
     if d.keymap is not None:
         return d.keymap.tensors(d.ckpt, dtype, device)
-    ckpt = d.ckpt
-    scales = {k[: -len("scale_weight")] + "weight": k for k in ckpt if k.endswith(".scale_weight")}
-    skip = {k for k in ckpt if k.endswith((".scale_weight", ".scale_input")) or k == "scaled_fp8"}
-
-    def loader(k):
-        if k in scales:
-            return lambda: (ckpt.load(k, torch.float32) * ckpt.load(scales[k], torch.float32)).to(device, dtype)
-        return lambda: ckpt.load(k, dtype, device)
-
-    return {k: loader(k) for k in ckpt if k not in skip}
+    return {k: (lambda k=k: d.ckpt.load(k, dtype, device)) for k in d.ckpt}
 
 
 def load_transformer(path, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -206,6 +206,24 @@ def test_t5_single_file(tmp_path, refs, names, dtype):
     check_t5(enc, hf_with(hf, sd | {n: sd[names[0]] for n in embedding}))
 
 
+def test_t5_scaled_fp8_file(tmp_path, refs):
+    """ComfyUI's `t5xxl_fp8_e4m3fn_scaled.safetensors`: `W = W_fp8 * scale_weight`, marker and scales consumed."""
+    hf = refs["t5"]
+    stored, dequantized = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in t5_state(hf).items():
+        if k.endswith(".weight") and ".layer." in k:
+            s = v.abs().max() / 448
+            stored[k] = (v / s).to(torch.float8_e4m3fn)
+            stored[k.removesuffix("weight") + "scale_weight"] = s.reshape(())
+            stored[k.removesuffix("weight") + "scale_input"] = torch.ones(())
+            dequantized[k] = stored[k].float() * s
+        else:
+            stored[k] = dequantized[k] = v
+    save_safetensors_atomic(stored, tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")
+    enc = load_text_encoder(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", dtype=torch.float32)
+    check_t5(enc, hf_with(hf, dequantized))
+
+
 def test_relative_position_bucket():
     offsets = torch.arange(-300, 301)[None, :]
     for buckets, distance in ((32, 128), (8, 20)):

@@ -1,0 +1,99 @@
+"""The safetensors layer every loader shares: lazy, strict, never unpickling, never half-writing."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from convert.files import Checkpoint, CheckpointError, load_state_dict_strict, read_header, save_safetensors_atomic
+
+
+@pytest.fixture
+def ckpt_path(tmp_path):
+    tensors = {
+        "model.diffusion_model.a.weight": torch.arange(12.0).reshape(3, 4),
+        "model.diffusion_model.b": torch.ones(5, dtype=torch.bfloat16),
+        "vae.c": torch.zeros(2, dtype=torch.float16),
+    }
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"note": "x"})
+    return tmp_path / "m.safetensors"
+
+
+def test_lazy_view_and_prefixes(ckpt_path, monkeypatch):
+    ckpt = Checkpoint.open(ckpt_path)
+    assert ckpt.metadata == {"note": "x"} and len(ckpt) == 3
+    import convert.files as files
+
+    monkeypatch.setattr(files, "_read", None)  # membership, shapes and dtypes must not read tensors
+    assert "vae.c" in ckpt and "nope" not in ckpt
+    assert ckpt.shape("model.diffusion_model.a.weight") == [3, 4] and ckpt.dtype("vae.c") == torch.float16
+    monkeypatch.undo()
+    view = ckpt.with_prefix("model.diffusion_model.")
+    assert sorted(view) == ["a.weight", "b"]
+    assert sorted(ckpt.without_prefixes(["vae."])) == ["model.diffusion_model.a.weight", "model.diffusion_model.b"]
+    assert torch.equal(view.load("a.weight"), torch.arange(12.0).reshape(3, 4))
+    assert view.load("b", torch.float32).dtype == torch.float32
+    assert ckpt.storage_dtype() == torch.float32  # 12 fp32 values outnumber 5 bf16 and 2 fp16
+
+
+def test_loaded_tensors_are_copy_on_write(ckpt_path):
+    before = ckpt_path.read_bytes()
+    t = Checkpoint.open(ckpt_path).load("model.diffusion_model.a.weight")
+    t.add_(100)  # e.g. a LoRA merged in place
+    assert ckpt_path.read_bytes() == before
+    assert torch.equal(Checkpoint.open(ckpt_path).load("model.diffusion_model.a.weight"), torch.arange(12.0).reshape(3, 4))
+
+
+def test_refuses_what_is_not_safetensors(tmp_path):
+    import pickle
+
+    (tmp_path / "p.ckpt").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_header(tmp_path / "p.ckpt")
+    (tmp_path / "j.safetensors").write_bytes(len(b"[1]").to_bytes(8, "little") + b"[1]")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        read_header(tmp_path / "j.safetensors")
+
+
+def test_truncated_and_sharded(tmp_path, ckpt_path):
+    data = ckpt_path.read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-20])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Checkpoint.open(tmp_path / "t.safetensors").load("vae.c", torch.float32)
+    index = {"weight_map": {"x": "s-1.safetensors", "y": "s-2.safetensors"}}
+    (tmp_path / "i.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"x": torch.ones(1)}, tmp_path / "s-1.safetensors")
+    with pytest.raises(CheckpointError, match="shard file.*s-2.safetensors"):
+        Checkpoint.open(tmp_path / "i.safetensors.index.json")
+    save_file({"y": torch.zeros(1), "x": torch.ones(1)}, tmp_path / "s-2.safetensors")
+    with pytest.raises(CheckpointError, match="'x' also appears"):
+        Checkpoint.open(tmp_path / "i.safetensors.index.json")
+
+
+def test_strict_load_names_keys_and_leaves_module_untouched():
+    m = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(CheckpointError, match="missing 1 key.*bias"):
+        load_state_dict_strict(m, {"weight": torch.zeros(2, 3)}, "linear", "src")
+    with pytest.raises(CheckpointError, match=r"'weight' has shape \[3, 3\].*expects \[2, 3\]"):
+        load_state_dict_strict(m, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "linear", "src")
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    import convert.files as files
+
+    save_safetensors_atomic({"a": torch.ones(2)}, tmp_path / "out.safetensors")
+    good = (tmp_path / "out.safetensors").read_bytes()
+
+    def broken(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_safetensors_atomic({"a": torch.zeros(2)}, tmp_path / "out.safetensors")
+    assert (tmp_path / "out.safetensors").read_bytes() == good
+    assert os.listdir(tmp_path) == ["out.safetensors"]
