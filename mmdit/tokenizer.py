@@ -122,6 +122,8 @@ class T5Tokenizer:
             from tokenizers import Tokenizer
 
             tok = Tokenizer.from_file(str(path))
+            tok.no_padding()  # a saved tokenizer.json may carry padding / truncation settings: we frame ids ourselves
+            tok.no_truncation()
             ids = {t: tok.token_to_id(t) for t in (T5_EOS, T5_PAD)}
 
             def encode(prompts):

@@ -251,3 +251,18 @@ def test_load_tokenizer_folders(clip_files, spiece_file, tmp_path):
 
     with pytest.raises(ValueError, match="not a tokenizer this project reads"):
         load_tokenizer(tmp_path / "fast" / "tokenizer_config.json")
+
+
+def test_t5_tokenizer_json_with_saved_padding_is_framed_by_us(spiece_file, tmp_path):
+    """A tokenizer.json may carry padding/truncation settings (saved after a padded call): they are ignored."""
+    from tokenizers import Tokenizer
+
+    hf = _hf_t5(spiece_file)
+    hf.save_pretrained(tmp_path)
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok.enable_padding(length=64)
+    tok.enable_truncation(max_length=5)
+    tok.save(str(tmp_path / "padded.json"))
+    ref = hf(AWKWARD[:4], padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
+    ours = T5Tokenizer.from_file(tmp_path / "padded.json", max_length=32)(AWKWARD[:4])
+    assert ours.tolist() == ref.tolist()
