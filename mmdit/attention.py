@@ -58,6 +58,11 @@ def as_temperature_matrix(temperature: Temperature) -> Tensor | None:
     return temperature
 
 
+def temperature_on(temperature: Temperature, device) -> Temperature:
+    """A tensor temperature moved to the device, once per model forward rather than once per attention."""
+    return as_temperature_matrix(temperature).to(device) if isinstance(temperature, Tensor) else temperature
+
+
 def _check(q: Tensor, n_txt: int) -> None:
     if q.dim() != 4:
         raise ValueError(f"attention expects q, k, v as [B, H, L, D], got q of shape {list(q.shape)}")
@@ -69,6 +74,11 @@ def _scaled_keys(k: Tensor, n_txt: int, row: Tensor) -> Tensor:
     """Keys of one query modality's call: text keys times row[..., 0], image keys times row[..., 1]."""
     row = row.to(k.dtype)[..., None, None]  # (B|1, H|1, 2, 1, 1)
     return torch.cat((k[:, :, :n_txt] * row[:, :, 0], k[:, :, n_txt:] * row[:, :, 1]), dim=2)
+
+
+def _joined(out_txt: Tensor, out_img: Tensor) -> Tensor:
+    """(B, H, L_txt, D) and (B, H, L_img, D) -> (B, L, H*D) in one copy (SDPA returns (B, L, H, D) memory)."""
+    return torch.cat((out_txt.transpose(1, 2), out_img.transpose(1, 2)), dim=1).flatten(2)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, n_txt: int, temperature: Temperature = None) -> Tensor:
@@ -87,12 +97,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_txt: int, temperature: Temperat
         out_txt = F.scaled_dot_product_attention(q[:, :, :n_txt], k, v)
         k_img = torch.cat((k[:, :, :n_txt] * float(temperature), k[:, :, n_txt:]), dim=2)
         out_img = F.scaled_dot_product_attention(q[:, :, n_txt:], k_img, v)
-        out = torch.cat((out_txt, out_img), dim=2)
+        return _joined(out_txt, out_img)
     else:
         T = as_temperature_matrix(temperature).to(q.device)
         out_txt = F.scaled_dot_product_attention(q[:, :, :n_txt], _scaled_keys(k, n_txt, T[:, :, 0]), v)
         out_img = F.scaled_dot_product_attention(q[:, :, n_txt:], _scaled_keys(k, n_txt, T[:, :, 1]), v)
-        out = torch.cat((out_txt, out_img), dim=2)
+        return _joined(out_txt, out_img)
     B, H, L, D = out.shape
     return out.transpose(1, 2).reshape(B, L, H * D)
 

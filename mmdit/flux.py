@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import Temperature, attention
+from .attention import Temperature, attention, temperature_on
 from .layers import (
     LastLayer,
     MLPEmbedder,
@@ -25,6 +25,7 @@ from .layers import (
     RMSNorm,
     WeightsModule,
     apply_rope,
+    gated,
     layer_norm,
     modulations,
     rope_cos_sin,
@@ -142,10 +143,10 @@ class DoubleStreamBlock(nn.Module):
         attn = attention(q, k, torch.cat((txt_v, img_v), 2), txt.shape[1], temperature)  # (B, L, H*D)
         txt_a, img_a = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-        img = img + img_m1.gate * self.img_attn.proj(img_a)
-        img = img + img_m2.gate * self.img_mlp(img_m2(self.img_norm2(img)))
-        txt = txt + txt_m1.gate * self.txt_attn.proj(txt_a)
-        txt = txt + txt_m2.gate * self.txt_mlp(txt_m2(self.txt_norm2(txt)))
+        img = gated(img, img_m1.gate, self.img_attn.proj(img_a))
+        img = gated(img, img_m2.gate, self.img_mlp(img_m2(self.img_norm2(img))))
+        txt = gated(txt, txt_m1.gate, self.txt_attn.proj(txt_a))
+        txt = gated(txt, txt_m2.gate, self.txt_mlp(txt_m2(self.txt_norm2(txt))))
         return img, txt
 
 
@@ -170,7 +171,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = rope_qk(*self.norm(q, k), pe)
         attn = attention(q, k, v, n_txt, temperature)
-        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), -1))
+        return gated(x, mod.gate, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), -1)))
 
 
 def image_ids(h: int, w: int, device=None) -> Tensor:
@@ -229,11 +230,12 @@ class Flux(WeightsModule):
         vec = vec + self.vector_in(pooled.to(dt))
         vec_silu = nn.functional.silu(vec)  # every adaLN starts with SiLU; compute it once
 
+        temperature = temperature_on(temperature, x.device)
         img = self.img_in(img)
         txt = self.txt_in(context.to(dt))
         n_txt = txt.shape[1]
         ids = torch.cat((torch.zeros(n_txt, 3, device=x.device), image_ids(H // 2, W // 2, x.device)))
-        pe = rope_cos_sin(ids[None], list(self.params.axes_dim), self.params.theta)  # (1, 1, L, D/2) each
+        pe = rope_cos_sin(ids[None], list(self.params.axes_dim), self.params.theta)  # (1, 1, L, D) each
 
         for block in self.double_blocks:
             img, txt = run_block(self, block, img, txt, vec_silu, pe, temperature)

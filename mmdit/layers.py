@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -60,9 +61,8 @@ class MLPEmbedder(nn.Module):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """RMS normalization computed in fp32, cast back, then scaled."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
+    """RMS normalization computed in fp32 (inside `F.rms_norm`, one fused kernel on CUDA), cast back, then scaled."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -86,7 +86,12 @@ class Modulation:
     gate: Tensor | None = None
 
     def __call__(self, x_normed: Tensor) -> Tensor:
-        return (1 + self.scale) * x_normed + self.shift
+        return torch.addcmul(self.shift, 1 + self.scale, x_normed)  # one pass
+
+
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """The gated residual `x + gate * y`, in one pass."""
+    return torch.addcmul(x, gate, y)
 
 
 def modulations(emb: Tensor, n: int) -> list[Tensor]:
@@ -122,14 +127,16 @@ def rope_frequencies(ids: Tensor, axes_dim: list[int], theta: int) -> Tensor:
 
 
 def rope_cos_sin(ids: Tensor, axes_dim: list[int], theta: int) -> tuple[Tensor, Tensor]:
-    """cos and sin of the angles, shaped (B, 1, L, D/2) to broadcast over heads."""
+    """The tables of `apply_rope`, (B, 1, L, D) to broadcast over heads: each pair's cos twice
+    (c0, c0, c1, c1, ...) and its sin signed for the swapped pairs (-s0, s0, -s1, s1, ...)."""
     a = rope_frequencies(ids, axes_dim, theta)[:, None]
-    return a.cos(), a.sin()
+    return a.cos().repeat_interleave(2, -1), torch.stack((-a.sin(), a.sin()), -1).flatten(-2)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs (x[2k], x[2k+1]) by the angle k, in fp32. x: (B, H, L, D)."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, H, L, D/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """Rotate consecutive pairs (x[2k], x[2k+1]) by the angle k, in fp32. x: (B, H, L, D).
+
+    (x0 c - x1 s, x1 c + x0 s) = x * (c, c) + (x1, x0) * (-s, s); bf16 x meets the fp32 tables inside
+    each op (no fp32 copy of x on CUDA), and torch.compile fuses the three ops into one kernel."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)

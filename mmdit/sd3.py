@@ -22,8 +22,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import Temperature, attention
-from .layers import LastLayer, Modulation, RMSNorm, WeightsModule, layer_norm, modulations, run_block, timestep_embedding
+from .attention import Temperature, attention, temperature_on
+from .layers import LastLayer, Modulation, RMSNorm, WeightsModule, gated, layer_norm, modulations, run_block, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -158,13 +158,13 @@ class StreamBlock(nn.Module):
     def post_attention(self, x: Tensor, attn: Tensor, mods: list[Modulation], x_norm: Tensor) -> Tensor:
         """x: (B, L, D) the stream's input; attn: (B, L, D) its rows of the joint attention; x_norm = norm1(x)."""
         m_attn, m_mlp = mods[0], mods[1]
-        x = x + m_attn.gate * self.attn.proj(attn)
+        x = gated(x, m_attn.gate, self.attn.proj(attn))
         if self.attn2 is not None:
             # MMDiT-X: image-only self-attention on the same norm1(x), with its own modulation
             m_attn2 = mods[2]
             q, k, v = self.attn2.qk_v(m_attn2(x_norm))
-            x = x + m_attn2.gate * self.attn2.proj(attention(q, k, v, n_txt=0))
-        return x + m_mlp.gate * self.mlp(m_mlp(self.norm2(x)))
+            x = gated(x, m_attn2.gate, self.attn2.proj(attention(q, k, v, n_txt=0)))
+        return gated(x, m_mlp.gate, self.mlp(m_mlp(self.norm2(x))))
 
 
 class JointBlock(nn.Module):
@@ -252,6 +252,7 @@ class SD3(WeightsModule):
         c = self.t_embedder(timestep_embedding(t * 1000).to(dt)) + self.y_embedder(pooled.to(dt))  # (B, D)
         txt = self.context_embedder(context.to(dt))  # (B, L_txt, D)
 
+        temperature = temperature_on(temperature, x.device)
         for block in self.joint_blocks:
             txt, img = run_block(self, block, txt, img, c, temperature)
         out = self.final_layer(img, c)  # (B, h*w, p*p*C_out), features ordered (py, px, c)

@@ -1,0 +1,703 @@
+"""Step time, TACA overhead and memory of our MM-DiT transformers, side by side with Diffusers' (issue 7).
+
+    python -m benchmarks.step_time --models flux-dev sd3.5-large sd3.5-medium --compile --steps 10
+    python -m benchmarks.step_time --tiny --device cpu    # reduced sizes: a smoke run of the harness
+    python -m benchmarks.step_time --models none --pipeline    # the full FLUX pipeline only
+    python -m benchmarks.step_time --cost    # what an eager step asks of a GPU, counted on the meta device
+
+Per model (random weights, 1024x1024: 128x128 latents = 4096 image tokens; 512 text tokens for FLUX,
+333 for SD3), ours is built straight on the device in the benchmark dtype (bf16 on a GPU: the 12B
+model is never allocated in fp32). Diffusers' `FluxTransformer2DModel` / `SD3Transformer2DModel` is
+built on the meta device and gets the same tensors with `load_state_dict(assign=True)` after the
+key conversion (FLUX: the test-side rules of tests/builders.py; SD3: Diffusers' own single-file
+converter), so both models are resident with one copy of the weights (Diffusers' own copies: the swapped
+adaLNs, and for SD3 the q, k, v projections, which its converter copies). Before timing, each variant's
+output is compared with Diffusers' eager output on the same input (the `rel err` column: ~1e-7 in fp32;
+in bf16 FLUX differs more, as Diffusers (like BFL) rounds 1000 t and 1000 guidance to bf16 where we keep fp32).
+
+Variants: ours plain and with TACA (`temperature=1.2`, the split-SDPA path of mmdit/attention.py);
+Diffusers plain; in eager mode also Diffusers with TACA the paper's unfused way (explicit logits,
+`F.scaled_dot_product_attention` swapped for `softmax(T * q k^T / sqrt(d)) v` during its calls).
+`--compile` adds `torch.compile(model)` of each (not the explicit-logits one), compile warm-up excluded.
+
+Timing: `torch.cuda.synchronize()` (a no-op on CPU) and `time.perf_counter` around each step, median
+of `--steps` after `--warmup`. Peak memory (CUDA only): the model's own weights plus the peak of what
+the steps allocate above what was allocated before them (`max_memory_allocated` after
+`reset_peak_memory_stats`), so the shared weights are counted once per model, as if it were alone.
+Also reported: graph breaks of `torch._dynamo.explain` on a tiny model of the same layout (plain,
+float and tensor temperature), and on CUDA the host-device syncs of one eager step
+(`torch.cuda.set_sync_debug_mode`).
+
+The full FLUX pipeline (`--pipeline`): sampling.FluxPipeline with random-weight CLIP-L, T5-XXL,
+transformer and autoencoder (tokenizers replaced by fixed random ids), encoders kept on the CPU and
+moved to the GPU only to encode (`offload_encoders=True`): seconds per image and peak memory.
+
+The cost model (`--cost`, no GPU needed): one eager step at full size, ours and Diffusers', counted op
+by op on the meta device (benchmarks/step_cost.py): kernels, matmul and attention FLOPs, bytes moved.
+
+Results go to the "## Step time (GPU)" section of `--out` (one `###` block per model, replaced by a
+run of that model; other sections and blocks are kept), with device, driver, versions, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+import mmdit
+from mmdit.flux import PRESETS as FLUX_PRESETS
+from mmdit.flux import FluxParams, image_ids
+from mmdit.sd3 import PRESETS as SD3_PRESETS
+
+from .load_sd3 import diffusers_config, machine
+from .step_cost import StepCost, step_cost
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the test-side FLUX conversion rules and the tolerance measure
+from builders import diffusers_flux, flux_bfl_to_diffusers, rel_err
+
+SECTION = "## Step time (GPU)"
+PIPELINE = "FLUX.1-dev pipeline"
+MODELS = ("flux-dev", "sd3.5-large", "sd3.5-medium")
+GAMMA = 1.2  # TACA's temperature in the timed runs (the paper's FLUX value)
+TEXT_TOKENS = {"flux": 512, "sd3": 333}  # 1024x1024 prompts: T5 512 (FLUX-dev); 77 CLIP + 256 T5 (SD3)
+LATENT = 128  # 1024 px / 8
+TINY_TEXT_TOKENS = {"flux": 16, "sd3": 11}
+TINY_LATENT = 16
+GOALS = ("eager step <= 0.95x Diffusers'; compiled FLUX-dev step <= 0.13 s (H100); TACA step <= 1.02x plain; "
+         "FLUX pipeline peak <= 26 GB")
+
+
+# ---- models and inputs ----
+
+
+def model_params(name: str, tiny: bool):
+    """The full-size preset, or (tiny) the same layout and input widths at two blocks of two heads."""
+    if name in FLUX_PRESETS:
+        p = FLUX_PRESETS[name]
+        return replace(p, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2) if tiny else p
+    if name in SD3_PRESETS:
+        return SD3_PRESETS[name].tiny() if tiny else SD3_PRESETS[name]
+    raise ValueError(f"unknown model {name!r}; known: {', '.join([*FLUX_PRESETS, *SD3_PRESETS])}")
+
+
+def family(params) -> str:
+    return "flux" if isinstance(params, FluxParams) else "sd3"
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_ours(params, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """Our model with random weights (PyTorch's default init), created directly on `device` in `dtype`."""
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        model = mmdit.build_model(params).eval()
+        if family(params) == "sd3":
+            model.pos_embed.normal_()  # the table is a buffer (zeros at init): make positions matter
+    return model
+
+
+def diffusers_twin(ours: nn.Module) -> nn.Module:
+    """Diffusers' model of the same config, holding the very tensors of `ours` where its conversion does not copy."""
+    p, sd = ours.params, ours.state_dict()
+    with torch.device("meta"):
+        if family(p) == "flux":
+            ref, sd = diffusers_flux(p), flux_bfl_to_diffusers(sd, p)
+        else:
+            from diffusers import SD3Transformer2DModel
+            from diffusers.loaders.single_file_utils import (
+                convert_sd3_transformer_checkpoint_to_diffusers,
+            )
+
+            ref = SD3Transformer2DModel.from_config(diffusers_config(p))
+            sd = convert_sd3_transformer_checkpoint_to_diffusers(dict(sd))  # it pops keys: give it a copy
+    ref.load_state_dict(sd, strict=True, assign=True)
+    device = next(ours.parameters()).device
+    if left := [n for n, t in [*ref.named_parameters(), *ref.named_buffers()] if t.device != device]:
+        raise RuntimeError(f"Diffusers' model kept tensors off {device}: {left[:5]}")
+    return ref.eval()
+
+
+def input_sizes(params, args: argparse.Namespace) -> tuple[int, int, str]:
+    """(latent side, text tokens, a description) of the benchmark inputs: full size, or `--tiny`."""
+    latent = TINY_LATENT if args.tiny else LATENT
+    n_txt = (TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS)[family(params)]
+    shape = f"batch {args.batch}, {latent}x{latent} latents ({(latent // 2) ** 2} image tokens), {n_txt} text tokens"
+    return latent, n_txt, shape
+
+
+@dataclass
+class Inputs:
+    x: Tensor  # (B, 16, h, w) latents
+    t: Tensor  # (B,) in [0, 1]
+    context: Tensor  # (B, L_txt, 4096)
+    pooled: Tensor  # (B, 768 | 2048)
+    guidance: Tensor | None  # (B,) FLUX-dev only
+
+
+def make_inputs(
+    params, latent: int, n_txt: int, device: torch.device, dtype: torch.dtype, batch: int = 1, seed: int = 1
+) -> Inputs:
+    g = torch.Generator(device).manual_seed(seed)
+    flux = family(params) == "flux"
+    c = 16  # latent channels of both families (FLUX packs 2x2 of them into in_channels = 64)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    return Inputs(
+        x=randn(batch, c, latent, latent),
+        t=torch.rand(batch, generator=g, device=device),
+        context=randn(batch, n_txt, params.context_in_dim),
+        pooled=randn(batch, params.vec_in_dim if flux else params.adm_in_channels),
+        guidance=torch.full((batch,), 3.5, device=device) if flux and params.guidance_embed else None,
+    )
+
+
+Step = Callable[[], Tensor]
+
+
+def ours_step(model: nn.Module, inp: Inputs, temperature=None) -> Step:
+    return lambda: model(inp.x, inp.t, inp.context, inp.pooled, inp.guidance, temperature=temperature)
+
+
+def diffusers_step(ref: nn.Module, params, inp: Inputs) -> Step:
+    """One call of Diffusers' transformer on the same inputs; returns the velocity in our layout (B, 16, h, w)."""
+    if family(params) == "sd3":
+        return lambda: ref(
+            hidden_states=inp.x, encoder_hidden_states=inp.context, pooled_projections=inp.pooled,
+            timestep=inp.t * 1000, return_dict=False,
+        )[0]
+    h, w = inp.x.shape[-2] // 2, inp.x.shape[-1] // 2
+    # the packing and the position ids are what Diffusers' pipeline prepares once, outside its transformer
+    packed = rearrange(inp.x, "B C (h ph) (w pw) -> B (h w) (C ph pw)", ph=2, pw=2)
+    img_ids, txt_ids = image_ids(h, w, inp.x.device), torch.zeros(inp.context.shape[1], 3, device=inp.x.device)
+
+    def step() -> Tensor:
+        out = ref(
+            hidden_states=packed, encoder_hidden_states=inp.context, pooled_projections=inp.pooled, timestep=inp.t,
+            img_ids=img_ids, txt_ids=txt_ids, guidance=inp.guidance, return_dict=False,
+        )[0]
+        return rearrange(out, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=h, ph=2, pw=2)
+
+    return step
+
+
+@contextmanager
+def explicit_taca(gamma: float, n_txt: int, n_img: int, text_first: bool) -> Iterator[None]:
+    """While inside, every joint SDPA call (length n_txt + n_img) computes explicit logits with image queries x
+    text keys times gamma, the paper's unfused TACA; other calls (MMDiT-X's image-only `attn2`) stay plain."""
+    sdpa = F.scaled_dot_product_attention
+    txt = slice(0, n_txt) if text_first else slice(n_img, None)
+    img = slice(n_txt, None) if text_first else slice(0, n_img)
+
+    def explicit(query: Tensor, key: Tensor, value: Tensor, attn_mask=None, dropout_p=0.0, is_causal=False,
+                 scale=None, **kwargs) -> Tensor:  # (B, H, L, D), as torch's SDPA
+        if query.shape[-2] != n_txt + n_img or attn_mask is not None or dropout_p or is_causal:
+            return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        logits = (query @ key.transpose(-1, -2)) * (scale or 1 / math.sqrt(query.shape[-1]))  # (B, H, L, L)
+        logits[..., img, txt] *= gamma
+        return logits.softmax(-1) @ value
+
+    F.scaled_dot_product_attention = explicit
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def explicit_taca_step(step: Step, gamma: float, n_txt: int, n_img: int, text_first: bool) -> Step:
+    def run() -> Tensor:
+        with explicit_taca(gamma, n_txt, n_img, text_first):
+            return step()
+
+    return run
+
+
+# ---- measuring ----
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def measure(
+    step: Step, device: torch.device, warmup: int, steps: int, weight_bytes: int
+) -> tuple[float, float | None]:
+    """(median seconds per step, peak GB or None off CUDA); the warm-up (compilation included) is not timed."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 1e9 if cuda else None
+    return statistics.median(times), peak
+
+
+def host_syncs(step: Step) -> int:
+    """Synchronizing CUDA calls made by one step, as `torch.cuda.set_sync_debug_mode("warn")` reports them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+TEMPERATURE_KINDS = ("plain", "TACA float", "TACA tensor")
+
+
+@torch.no_grad()
+def graph_breaks(
+    name: str, device: torch.device, dtype: torch.dtype, kinds=TEMPERATURE_KINDS
+) -> dict[str, list[str]]:
+    """Graph breaks of `torch._dynamo.explain` on a tiny model of the layout of `name`, per temperature kind."""
+    params = model_params(name, tiny=True)
+    model = build_ours(params, device, dtype)
+    inp = make_inputs(params, TINY_LATENT, TINY_TEXT_TOKENS[family(params)], device, dtype)
+    matrix = torch.tensor([[1.0, 1.0], [GAMMA, 1.0]], device=device)
+    temperatures = {"plain": None, "TACA float": GAMMA, "TACA tensor": matrix}
+    found = {}
+    for kind in kinds:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(ours_step(model, inp, temperatures[kind]))()
+        found[kind] = [
+            f"{b.reason} ({b.user_stack[-1].filename}:{b.user_stack[-1].lineno})" if b.user_stack else b.reason
+            for b in explained.break_reasons
+        ]
+    torch._dynamo.reset()
+    return found
+
+
+@dataclass
+class Row:
+    model: str
+    impl: str  # "ours" | "diffusers"
+    mode: str  # "eager" | "compiled"
+    taca: str  # "-" | "1.2" | "1.2 explicit"
+    seconds: float
+    peak_gb: float | None
+    rel_err: float | None  # vs Diffusers eager (with explicit TACA for TACA rows); None: it is the reference
+
+
+@dataclass
+class ModelResult:
+    name: str
+    dtype: torch.dtype
+    shape: str  # what one step computes
+    rows: list[Row]
+    taca_effect: float  # rel. difference of TACA's output from plain (Diffusers eager): the TACA check means something
+    graph_breaks: dict[str, list[str]] = field(default_factory=dict)
+    syncs: dict[str, int] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> ModelResult:
+    params = model_params(name, args.tiny)
+    fam = family(params)
+    latent, n_txt, shape = input_sizes(params, args)
+    n_img = (latent // 2) ** 2
+    ours = build_ours(params, device, dtype, args.seed)
+    ref = diffusers_twin(ours)
+    inp = make_inputs(params, latent, n_txt, device, dtype, args.batch, args.seed + 1)
+    taca, explicit = f"{GAMMA}", f"{GAMMA} explicit"
+
+    # (impl, TACA column) -> (module, its step for a module or its compiled wrapper); Diffusers first (the reference)
+    variants = {
+        ("diffusers", "-"): (ref, lambda m: diffusers_step(m, params, inp)),
+        ("diffusers", explicit): (ref, lambda m: explicit_taca_step(
+            diffusers_step(m, params, inp), GAMMA, n_txt, n_img, text_first=fam == "flux")),
+        ("ours", "-"): (ours, lambda m: ours_step(m, inp)),
+        ("ours", taca): (ours, lambda m: ours_step(m, inp, GAMMA)),
+    }
+    reference = {"-": variants["diffusers", "-"][1](ref)(), taca: variants["diffusers", explicit][1](ref)()}
+    reference[explicit] = reference[taca]
+
+    result = ModelResult(name, dtype, shape, [], taca_effect=rel_err(reference[taca], reference["-"]))
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    for mode in modes:
+        compiled = {id(m): torch.compile(m) for m in (ours, ref)} if mode == "compiled" else {}
+        for (impl, column), (module, make) in variants.items():
+            if mode == "compiled" and column == explicit:
+                continue
+            step = make(compiled.get(id(module), module))
+            seconds, peak = measure(step, device, args.warmup, args.steps, tensor_bytes(module))
+            is_ref = mode == "eager" and impl == "diffusers"
+            err = None if is_ref else rel_err(step(), reference[column])
+            result.rows.append(Row(name, impl, mode, column, seconds, peak, err))
+            if device.type == "cuda" and mode == "eager" and column != explicit:
+                result.syncs[f"{impl} {'TACA' if column == taca else 'plain'}"] = host_syncs(step)
+            print(format_row(result.rows[-1], result.rows), flush=True)
+        torch._dynamo.reset()
+    return result
+
+
+# ---- the cost of one eager step, counted on the meta device (no memory, no GPU) ----
+
+@dataclass
+class CostResult:
+    name: str
+    shape: str
+    costs: dict[tuple[str, str], StepCost]  # (impl, TACA column) -> cost
+
+
+def bench_cost(name: str, args: argparse.Namespace) -> CostResult:
+    """Ours (plain, TACA) and Diffusers (plain) at the benchmark sizes, bf16, on the meta device."""
+    params = model_params(name, args.tiny)
+    latent, n_txt, shape = input_sizes(params, args)
+    meta = torch.device("meta")
+    ours = build_ours(params, meta, torch.bfloat16)
+    ref = diffusers_twin(ours)
+    cpu_inputs = make_inputs(params, latent, n_txt, torch.device("cpu"), torch.bfloat16, args.batch)
+    inp = Inputs(**{k: None if t is None else t.to(meta) for k, t in vars(cpu_inputs).items()})
+    costs = {
+        ("diffusers", "-"): step_cost(diffusers_step(ref, params, inp)),
+        ("ours", "-"): step_cost(ours_step(ours, inp)),
+        ("ours", f"{GAMMA}"): step_cost(ours_step(ours, inp, GAMMA)),
+    }
+    return CostResult(name, shape, costs)
+
+
+# ---- the FLUX pipeline ----
+
+
+class RandomTokens:
+    """A stand-in tokenizer: fixed random ids of the right length, the highest id (EOS for CLIP's pooling) last."""
+
+    def __init__(self, vocab: int, length: int, seed: int):
+        self.vocab, self.length, self.seed = vocab, length, seed
+
+    def __call__(self, prompts: str | list[str]) -> Tensor:
+        n = 1 if isinstance(prompts, str) else len(prompts)
+        ids = torch.randint(0, self.vocab - 1, (n, self.length), generator=torch.Generator().manual_seed(self.seed))
+        ids[:, -1] = self.vocab - 1
+        return ids
+
+
+@dataclass
+class PipelineResult:
+    size: str
+    steps: int
+    seconds: float | None  # per image
+    peak_gb: float | None
+    note: str = ""
+
+
+@torch.no_grad()
+def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> PipelineResult:
+    """FLUX-dev text to image with random weights: one warm-up image, then the median of `--pipeline-images`."""
+    from mmdit.autoencoder import AutoEncoder
+    from mmdit.autoencoder import preset as ae_preset
+    from mmdit.clip import CLIP_PRESETS, CLIPTextEncoder
+    from mmdit.t5 import T5_PRESETS, T5Encoder
+    from sampling.pipeline import FluxPipeline
+
+    params = model_params("flux-dev", args.tiny)
+    t5_cfg, clip_cfg, ae_params = T5_PRESETS["t5-v1.1-xxl"], CLIP_PRESETS["clip-l"], ae_preset("flux")
+    size = 1024
+    if args.tiny:
+        t5_cfg = replace(
+            t5_cfg, vocab_size=128, d_model=params.context_in_dim, num_heads=2, d_kv=32, d_ff=256, num_layers=1
+        )
+        clip_cfg = replace(clip_cfg, vocab_size=128, width=params.vec_in_dim, layers=1, heads=2, mlp_dim=256)
+        ae_params, size = replace(ae_params, ch=32, num_res_blocks=1), 8 * TINY_LATENT
+    transformer = build_ours(params, device, dtype, args.seed)
+    with torch.device(device), default_dtype(dtype):  # created on the device (fast init), then parked on the CPU
+        encoders = {"clip_l": CLIPTextEncoder(clip_cfg).eval().to("cpu"), "t5": T5Encoder(t5_cfg).eval().to("cpu")}
+        autoencoder = AutoEncoder(ae_params).eval()
+    t5_length = (TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS)["flux"]
+    tokenizers = {"clip_l": RandomTokens(clip_cfg.vocab_size, clip_cfg.max_positions, args.seed),
+                  "t5": RandomTokens(t5_cfg.vocab_size, t5_length, args.seed)}
+    pipe = FluxPipeline(transformer, autoencoder, encoders, tokenizers, name="random weights", offload_encoders=True)
+
+    def image() -> Tensor:
+        return pipe.generate("a photo of a cat", height=size, width=size, steps=args.pipeline_steps, guidance=3.5,
+                             seed=args.seed, output="tensor")
+
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # so the peak is the whole of it
+    seconds, peak = measure(image, device, 1, args.pipeline_images, resident)
+    return PipelineResult(f"{size}x{size}", args.pipeline_steps, seconds, peak)
+
+
+# ---- reporting ----
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def ratios(row: Row, rows: list[Row]) -> tuple[float | None, float | None]:
+    """(s/step over Diffusers' plain step in the same mode, TACA over plain of the same impl and mode)."""
+    def seconds(impl: str, taca: str) -> float | None:
+        same = (r for r in rows if (r.model, r.impl, r.mode, r.taca) == (row.model, impl, row.mode, taca))
+        return next((r.seconds for r in same), None)
+
+    d = seconds("diffusers", "-")
+    plain = seconds(row.impl, "-")
+    vs_diffusers = row.seconds / d if d and row.impl == "ours" else None
+    vs_plain = row.seconds / plain if plain and row.taca != "-" else None
+    return vs_diffusers, vs_plain
+
+
+HEADER = (
+    "| model | impl | mode | TACA | s/step (median) | x Diffusers | TACA / plain | peak GB | rel err vs Diffusers |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_row(row: Row, rows: list[Row]) -> str:
+    vs_d, vs_p = ratios(row, rows)
+    err = "(reference)" if row.rel_err is None else f"{row.rel_err:.1e}"
+    return (f"| {row.model} | {row.impl} | {row.mode} | {row.taca} | {row.seconds:.4f} | {_num(vs_d, '.2f')} "
+            f"| {_num(vs_p, '.2f')} | {_num(row.peak_gb, '.1f')} | {err} |")
+
+
+def table(rows: list[Row]) -> str:
+    return "\n".join([HEADER, *(format_row(r, rows) for r in rows)])
+
+
+def nvidia_driver() -> str:
+    if not shutil.which("nvidia-smi"):
+        return "unknown (no nvidia-smi)"
+    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    out = subprocess.run(query, capture_output=True, text=True, check=False)
+    if out.returncode or not out.stdout.strip():
+        return "unknown (nvidia-smi failed)"
+    return out.stdout.strip().splitlines()[0]
+
+
+def environment(device: torch.device, command: str) -> list[str]:
+    import diffusers
+
+    if device.type == "cuda":
+        prop = torch.cuda.get_device_properties(device)
+        memory = prop.total_memory / 2**30
+        where = f"{prop.name} ({memory:.0f} GiB), driver {nvidia_driver()}, CUDA {torch.version.cuda}"
+    elif device.type == "meta":
+        where = "none (the meta device: shapes only)"
+    else:
+        where = f"CPU: {machine()}"
+    return [
+        f"- Device: {where}",
+        f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python {sys.version.split()[0]}",
+        f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Command: `{command}`",
+    ]
+
+
+def model_notes(res: ModelResult) -> list[str]:
+    """The lines under the table: TACA's effect, graph breaks, host-device syncs."""
+    notes = [f"- TACA {GAMMA} changes the output by {res.taca_effect:.1e} (relative to plain; Diffusers eager)"]
+    if res.graph_breaks:
+        counts = (f"{k}: {len(v)}" + (f" ({', '.join(v)})" if v else "") for k, v in res.graph_breaks.items())
+        notes.append("- Graph breaks (`torch._dynamo.explain`, tiny model of this layout): " + "; ".join(counts))
+    if res.syncs:
+        notes.append("- Host-device syncs in one eager step: " + ", ".join(f"{k} {n}" for k, n in res.syncs.items()))
+    return notes
+
+
+def model_block(res: ModelResult, env: list[str], tiny: bool) -> str:
+    lines = [f"### {res.name}", "", f"{res.shape}, {str(res.dtype).removeprefix('torch.')}, random weights."]
+    if tiny:
+        lines.append("Reduced sizes (`--tiny`): a smoke run of the harness, not the figures of issue 7.")
+    lines += ["", *env, "", table(res.rows), "", *model_notes(res)]
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_block(res: PipelineResult, env: list[str], tiny: bool) -> str:
+    lines = [f"### {PIPELINE}", ""]
+    if res.seconds is None:
+        lines.append(f"Not run: {res.note}")
+    else:
+        lines.append(
+            f"{res.size}, {res.steps} steps, random weights; CLIP-L and T5-XXL on the CPU, moved to the device only to "
+            "encode. Peak: `max_memory_allocated` over whole images (all weights on the device included)."
+        )
+        if tiny:
+            lines.append("Reduced sizes (`--tiny`): a smoke run of the harness, not the figures of issue 7.")
+        lines += ["", *env, "", "| s/image (median) | peak GB |", "|---|---|",
+                  f"| {res.seconds:.3f} | {_num(res.peak_gb, '.1f')} |"]
+    return "\n".join(lines) + "\n"
+
+
+COST = "Eager step cost (meta device)"
+
+
+COST_HEADER = (
+    "| model | impl | TACA | kernels | GEMM TFLOP | attn TFLOP | other GB | ideal ms | x Diffusers | TACA / plain |"
+)
+
+
+def cost_block(results: list[CostResult], env: list[str]) -> str:
+    lines = [
+        f"### {COST}",
+        "",
+        "What one eager step asks of the GPU, counted op by op on the meta device (`--cost`; no GPU needed): kernels",
+        "launched, matmul and attention FLOPs, and the bytes read + written by every other op (SDPA and `F.rms_norm`",
+        "counted as the single fused kernels they are on CUDA). `ideal ms`: matmuls at the H100's dense bf16 peak",
+        "(790 TFLOP/s) plus the other bytes at its full bandwidth (3.35 TB/s), a floor; ratios are of these floors.",
+        "Random weights, bf16; " + "; ".join(f"{r.name}: {r.shape}" for r in results) + ".",
+        "",
+        *env,
+        "",
+        COST_HEADER,
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        base, plain = res.costs["diffusers", "-"].ideal_ms(), res.costs["ours", "-"].ideal_ms()
+        for (impl, taca), c in res.costs.items():
+            ms = c.ideal_ms()
+            vs_diffusers = _num(ms / base if impl == "ours" else None, ".2f")
+            vs_plain = _num(ms / plain if taca != "-" else None, ".3f")
+            lines.append(
+                f"| {res.name} | {impl} | {taca} | {c.kernels} | {c.gemm_flop / 1e12:.2f} "
+                f"| {c.attention_flop / 1e12:.2f} | {c.other_bytes / 1e9:.1f} | {ms:.1f} "
+                f"| {vs_diffusers} | {vs_plain} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+INTRO = f"""{SECTION}
+
+Written by `python -m benchmarks.step_time` (see benchmarks/README.md and the module docstring for
+the method); one block per model or measure, each from its own run. Timed blocks need a GPU; a block
+that is missing has not been run yet. `x Diffusers`: our step over Diffusers' plain step in the same
+mode; `TACA / plain`: a TACA step over the plain step of the same implementation and mode.
+
+Goals of issue 7: {GOALS}.
+"""
+
+
+def write_section(path: Path, blocks: dict[str, str]) -> None:
+    """Put `blocks` (title -> `### title` text) into the section, keeping other sections and other blocks."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    found = pattern.search(old)
+    kept = {}
+    for part in re.split(r"^(?=### )", found[0] if found else "", flags=re.MULTILINE)[1:]:
+        kept[part.split("\n", 1)[0].removeprefix("### ").strip()] = part.rstrip("\n") + "\n"
+    kept.update(blocks)
+    order = [*MODELS, PIPELINE, COST]
+    titles = sorted(kept, key=lambda t: (order.index(t) if t in order else len(order), t))
+    text = "\n".join([INTRO, *(kept[t] for t in titles)])
+    new = pattern.sub(lambda _: text, old) if found else old.rstrip("\n") + "\n\n" + text
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+# ---- command line ----
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {' '.join(MODELS)} (or 'none')")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens in them)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--tiny", action="store_true", help="reduced sizes (two blocks, 16x16 latents)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--pipeline", action="store_true", help="also time the full FLUX-dev pipeline")
+    ap.add_argument("--pipeline-steps", type=int, default=28)
+    ap.add_argument("--pipeline-images", type=int, default=3, help="timed images after one warm-up image")
+    ap.add_argument("--no-graph-breaks", dest="graph_breaks", action="store_false",
+                    help="skip the torch._dynamo.explain check")
+    ap.add_argument("--cost", action="store_true",
+                    help="only count what one eager step asks of a GPU, on the meta device (no timing, no GPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="'-' to write nothing")
+    args = ap.parse_args(argv)
+    args.models = [m for m in args.models if m != "none"]
+    for m in args.models:
+        model_params(m, True)  # fail early on an unknown name
+    return args
+
+
+@dataclass
+class Results:
+    models: list[ModelResult] = field(default_factory=list)
+    pipeline: PipelineResult | None = None
+    cost: list[CostResult] = field(default_factory=list)
+
+
+def main(argv: list[str] | None = None) -> Results:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    command = " ".join(["python -m benchmarks.step_time", *(sys.argv[1:] if argv is None else argv)])
+    out, blocks = Results(), {}
+    if args.cost:
+        out.cost = [bench_cost(name, args) for name in args.models]
+        blocks[COST] = cost_block(out.cost, environment(torch.device("meta"), command))
+        print(blocks[COST])
+    elif args.models:
+        print(HEADER)
+    for name in [] if args.cost else args.models:
+        res = bench_model(name, args, device, dtype)
+        gc.collect()  # both models go before the next one is built
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.graph_breaks:
+            res.graph_breaks = graph_breaks(name, device, dtype)
+        out.models.append(res)
+        blocks[name] = model_block(res, environment(device, command), args.tiny)
+        print("\n".join(model_notes(res)), flush=True)
+    if args.pipeline and not args.cost:
+        try:
+            out.pipeline = bench_pipeline(args, device, dtype)
+        except (ImportError, torch.OutOfMemoryError) as e:  # the pipeline's modules missing, or it does not fit
+            out.pipeline = PipelineResult("1024x1024", args.pipeline_steps, None, None, f"{type(e).__name__}: {e}")
+        blocks[PIPELINE] = pipeline_block(out.pipeline, environment(device, command), args.tiny)
+        print(blocks[PIPELINE])
+    if str(args.out) != "-":
+        write_section(args.out, blocks)
+        print(f"wrote the section {SECTION!r} of {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
