@@ -577,7 +577,7 @@ def cost_block(results: list[CostResult], env: list[str]) -> str:
         "What one eager step asks of the GPU, counted op by op on the meta device (`--cost`; no GPU needed): kernels",
         "launched, matmul and attention FLOPs, and the bytes read + written by every other op (SDPA and `F.rms_norm`",
         "counted as the single fused kernels they are on CUDA). `ideal ms`: matmuls at the H100's dense bf16 peak",
-        "(790 TFLOP/s) plus the other bytes at its full bandwidth (3.35 TB/s), a floor; ratios are of these floors.",
+        "(790 TFLOP/s) plus the other bytes at its full bandwidth (3.35 TB/s), a floor; ratios are of these floors. Computed, not timed: the GPU timings are the blocks below.",
         "Random weights, bf16; " + "; ".join(f"{r.name}: {r.shape}" for r in results) + ".",
         "",
         *env,

@@ -1,0 +1,210 @@
+"""A deterministic compositional evaluator for the scenes of training/scenes.py (no learned model).
+
+For each object a prompt names, the evaluator looks for its color: every pixel is labelled with the
+nearest palette color (or the white background), if one is within `MAX_DISTANCE`, and the labels are
+smoothed (a pixel alone in its 3x3 window with its label takes the window's majority label: stray
+pixels of a sampled image go, shapes stay); the largest
+4-connected region of the object's color, if it has at least `MIN_AREA` pixels, is the object. Its
+shape comes from how much of its bounding box it fills (square ~1, circle ~pi/4, triangle ~1/2) and
+its aspect ratio; its position is the region's centroid. Scores per prompt, in the categories of
+T2I-CompBench (arXiv 2307.06350; there a VQA model or a detector scores them):
+
+- color:   the fraction of the named objects whose color is found (attribute presence);
+- shape:   the fraction whose color region has the named shape (shape bound to its color);
+- spatial: two-object prompts: 1 if both are found and the centroids stand in the named relation
+           (the displacement along the relation's axis has the right sign and is the larger one);
+- all:     1 if every object is found with its shape and the relation holds.
+
+A category's score is its mean over prompts (spatial: over two-object prompts). Ground-truth renders
+score 1.0 in every category (tests/test_compbench.py).
+
+    python -m benchmarks.compbench [--model FOLDER] [--seeds 3] [--steps 20] [--taca 1.2 --taca-until 0.97] [--lora FILE]
+
+samples the held-out prompts of training/scenes.py with the model (default: the shipped tiny one)
+and prints the scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from training.scenes import BACKGROUND, COLORS, SIZE, heldout_prompts, parse
+
+MAX_DISTANCE = 0.35  # RGB distance in [0, 1] units within which a pixel takes a palette color
+MIN_AREA = 12  # pixels (at 32x32) of the smallest region that counts as an object
+SQUARE_FILL, CIRCLE_FILL, TRIANGLE_FILL = 0.9, 0.65, 0.35  # bounding-box fill thresholds, largest first
+MAX_ASPECT = 1.6  # longer over shorter bounding-box side; beyond it, no shape of ours
+CATEGORIES = ("color", "shape", "spatial", "all")
+
+
+@dataclass(frozen=True)
+class Region:
+    """The largest region of one color: size, centroid (x right, y down) and bounding box, in pixels."""
+
+    area: int
+    cx: float
+    cy: float
+    width: int
+    height: int
+
+    @property
+    def fill(self) -> float:
+        return self.area / (self.width * self.height)
+
+    @property
+    def shape(self) -> str | None:
+        if max(self.width, self.height) > MAX_ASPECT * min(self.width, self.height):
+            return None
+        if self.fill >= SQUARE_FILL:
+            return "square"
+        if self.fill >= CIRCLE_FILL:
+            return "circle"
+        return "triangle" if self.fill >= TRIANGLE_FILL else None
+
+
+def labels(image: Tensor) -> Tensor:
+    """(3, H, W) in [0, 1] -> (H, W) index into [background, *COLORS], or -1 where no color is near enough;
+    then a pixel that shares its label with fewer than 3 of its 3x3 window (itself included) takes the
+    window's most common label: stray pixels and pinholes go, corners and tips stay."""
+    palette = torch.tensor([BACKGROUND, *COLORS.values()], dtype=torch.float32) / 255  # (1 + K, 3)
+    dist = torch.cdist(image.float().flatten(1).T, palette)  # (H W, 1 + K)
+    d, idx = dist.min(dim=1)
+    raw = torch.where(d <= MAX_DISTANCE, idx + 1, 0).view(image.shape[1:])  # 0: no color
+    onehot = F.one_hot(raw, len(palette) + 1).permute(2, 0, 1).float()  # (2 + K, H, W)
+    votes = F.avg_pool2d(onehot[None], 3, stride=1, padding=1, divisor_override=1)[0]  # (2 + K, H, W) counts
+    own = votes.gather(0, raw[None])[0]
+    return torch.where(own >= 3, raw, votes.argmax(0)) - 1
+
+
+def largest_region(mask: list[list[bool]]) -> list[tuple[int, int]]:
+    """The pixels (y, x) of the largest 4-connected region of a boolean grid (a flood fill)."""
+    H, W = len(mask), len(mask[0])
+    seen = [[False] * W for _ in range(H)]
+    best: list[tuple[int, int]] = []
+    for y0 in range(H):
+        for x0 in range(W):
+            if not mask[y0][x0] or seen[y0][x0]:
+                continue
+            seen[y0][x0] = True
+            stack, region = [(y0, x0)], []
+            while stack:
+                y, x = stack.pop()
+                region.append((y, x))
+                for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                    if 0 <= ny < H and 0 <= nx < W and mask[ny][nx] and not seen[ny][nx]:
+                        seen[ny][nx] = True
+                        stack.append((ny, nx))
+            if len(region) > len(best):
+                best = region
+    return best
+
+
+def find(label_map: Tensor, color: str) -> Region | None:
+    """The largest region of `color` in a label map, or None if it is smaller than MIN_AREA (scaled to the size)."""
+    k = 1 + list(COLORS).index(color)
+    pixels = largest_region((label_map == k).tolist())
+    H, W = label_map.shape
+    if len(pixels) < MIN_AREA * H * W / SIZE**2:
+        return None
+    ys, xs = [p[0] for p in pixels], [p[1] for p in pixels]
+    return Region(len(pixels), sum(xs) / len(xs), sum(ys) / len(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1)
+
+
+def relation_holds(a: Region, relation: str, b: Region) -> bool:
+    """A <relation> B for the centroids: the right sign along the relation's axis, and that axis dominant."""
+    dx, dy = a.cx - b.cx, a.cy - b.cy  # y grows downwards
+    along, across = {"to the left of": (-dx, dy), "to the right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[relation]
+    return along > 0 and along > abs(across)
+
+
+def score(image: Tensor, caption: str) -> dict[str, float | None]:
+    """The scores of one image (3, H, W) in [0, 1] for its caption; spatial is None for one object."""
+    scene = parse(caption)
+    label_map = labels(image)
+    found = [find(label_map, o.color) for o in scene.objects]
+    color = [r is not None for r in found]
+    shape = [r is not None and r.shape == o.shape for r, o in zip(found, scene.objects)]
+    spatial = None
+    if scene.relation is not None:
+        a, b = found
+        spatial = float(a is not None and b is not None and relation_holds(a, scene.relation, b))
+    return {
+        "color": sum(color) / len(color),
+        "shape": sum(shape) / len(shape),
+        "spatial": spatial,
+        "all": float(all(shape) and spatial in (None, 1.0)),
+    }
+
+
+def summarize(scores: Sequence[dict[str, float | None]]) -> dict[str, float]:
+    """Mean of each category over the prompts that have it."""
+    out = {}
+    for c in CATEGORIES:
+        values = [s[c] for s in scores if s[c] is not None]
+        out[c] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
+def seed_noise(shape: tuple[int, ...], seed: int) -> Tensor:
+    """The initial latents of one seed, the same for every prompt (so settings compare on equal draws)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def generate(pipe, prompts: list[str], seeds: Sequence[int], steps: int | None = None, temperature=None,
+             batch: int = 256) -> list[tuple[str, Tensor]]:
+    """(prompt, image (3, H, W) in [0, 1]) for every prompt and seed, with the pipeline's default size."""
+    size = pipe.defaults.size
+    f, z = pipe.autoencoder.params.downscale, pipe.autoencoder.params.z_channels
+    jobs = [(p, s) for s in seeds for p in prompts]
+    out = []
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i : i + batch]
+        noise = torch.stack([seed_noise((z, size // f, size // f), s) for _, s in chunk])
+        images = pipe.generate([p for p, _ in chunk], height=size, width=size, steps=steps, noise=noise,
+                               temperature=temperature, output="tensor")
+        out += [(p, im) for (p, _), im in zip(chunk, images)]
+    return out
+
+
+def evaluate(pipe, prompts: list[str], seeds: Sequence[int], steps: int | None = None, temperature=None) -> dict[str, float]:
+    """Category scores of the pipeline on the prompts, one image per prompt and seed."""
+    return summarize([score(im, p) for p, im in generate(pipe, prompts, seeds, steps, temperature)])
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    return "  ".join(f"{c} {scores[c]:.3f}" for c in CATEGORIES)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pathlib import Path
+
+    import convert
+    from sampling import TacaSchedule, load_pipeline
+    from sampling.cli import default_model
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compbench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model folder (default: the shipped tiny model)")
+    ap.add_argument("--seeds", type=int, default=3, help="images per prompt (seeds 0..N-1)")
+    ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    ap.add_argument("--taca", type=float, metavar="GAMMA")
+    ap.add_argument("--taca-until", type=float, default=0.97, metavar="T")
+    ap.add_argument("--lora", type=Path, help="a LoRA to apply (gated to the TACA steps when --taca is given)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    pipe = load_pipeline(args.model or default_model(), dtype=torch.float32)
+    if args.lora:
+        convert.load_lora(pipe.transformer, args.lora)
+    taca = None if args.taca is None else TacaSchedule(args.taca, args.taca_until)
+    prompts = heldout_prompts()
+    scores = evaluate(pipe, prompts, range(args.seeds), args.steps, taca)
+    print(f"{len(prompts)} held-out prompts x {args.seeds} seeds: {format_scores(scores)}")
+
+
+if __name__ == "__main__":
+    main()
