@@ -5,8 +5,8 @@ nearest palette color (or the white background), if one is within `MAX_DISTANCE`
 smoothed (a pixel alone in its 3x3 window with its label takes the window's majority label: stray
 pixels of a sampled image go, shapes stay); the largest
 4-connected region of the object's color, if it has at least `MIN_AREA` pixels, is the object. Its
-shape comes from how much of its bounding box it fills (square ~1, circle ~pi/4, triangle ~1/2) and
-its aspect ratio; its position is the region's centroid. Scores per prompt, in the categories of
+shape is the one (circle, square, triangle) whose drawing in the region's bounding box overlaps the
+region best, if well enough (`MIN_IOU`); its position is the region's centroid. Scores per prompt, in the categories of
 T2I-CompBench (arXiv 2307.06350; there a VQA model or a detector scores them):
 
 - color:   the fraction of the named objects whose color is found (attribute presence);
@@ -32,40 +32,48 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch import Tensor
 
-from training.scenes import BACKGROUND, COLORS, SIZE, heldout_prompts, parse
+from training.scenes import BACKGROUND, COLORS, SHAPES, SIZE, draw_shape, heldout_prompts, parse
 
 MAX_DISTANCE = 0.35  # RGB distance in [0, 1] units within which a pixel takes a palette color
 MIN_AREA = 12  # pixels (at 32x32) of the smallest region that counts as an object
-SQUARE_FILL, CIRCLE_FILL, TRIANGLE_FILL = 0.9, 0.65, 0.35  # bounding-box fill thresholds, largest first
+MIN_IOU = 0.6  # a region is a shape if it overlaps the shape drawn in its bounding box this much
 MAX_ASPECT = 1.6  # longer over shorter bounding-box side; beyond it, no shape of ours
 CATEGORIES = ("color", "shape", "spatial", "all")
 
 
 @dataclass(frozen=True)
 class Region:
-    """The largest region of one color: size, centroid (x right, y down) and bounding box, in pixels."""
+    """The largest region of one color: size, centroid (x right, y down), bounding box in pixels, shape."""
 
     area: int
     cx: float
     cy: float
     width: int
     height: int
+    shape: str | None
 
-    @property
-    def fill(self) -> float:
-        return self.area / (self.width * self.height)
 
-    @property
-    def shape(self) -> str | None:
-        if max(self.width, self.height) > MAX_ASPECT * min(self.width, self.height):
-            return None
-        if self.fill >= SQUARE_FILL:
-            return "square"
-        if self.fill >= CIRCLE_FILL:
-            return "circle"
-        return "triangle" if self.fill >= TRIANGLE_FILL else None
+def shape_of(pixels: list[tuple[int, int]]) -> str | None:
+    """The shape whose drawing in the region's bounding box overlaps the region best (intersection over
+    union), if that is at least MIN_IOU and the box is not too elongated."""
+    ys, xs = [p[0] for p in pixels], [p[1] for p in pixels]
+    y0, x0, h, w = min(ys), min(xs), max(ys) - min(ys) + 1, max(xs) - min(xs) + 1
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return None
+    region = torch.zeros(h, w, dtype=torch.bool)
+    region[torch.tensor(ys) - y0, torch.tensor(xs) - x0] = True
+    best, best_iou = None, MIN_IOU
+    for shape in SHAPES:
+        im = Image.new("1", (w, h))
+        draw_shape(ImageDraw.Draw(im), shape, (0, 0, w - 1, h - 1), 1)
+        template = torch.tensor(list(im.getdata()), dtype=torch.bool).view(h, w)
+        iou = (region & template).sum().item() / (region | template).sum().item()
+        if iou >= best_iou:
+            best, best_iou = shape, iou
+    return best
 
 
 def labels(image: Tensor) -> Tensor:
@@ -113,7 +121,8 @@ def find(label_map: Tensor, color: str) -> Region | None:
     if len(pixels) < MIN_AREA * H * W / SIZE**2:
         return None
     ys, xs = [p[0] for p in pixels], [p[1] for p in pixels]
-    return Region(len(pixels), sum(xs) / len(xs), sum(ys) / len(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1)
+    return Region(len(pixels), sum(xs) / len(xs), sum(ys) / len(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1,
+                  shape_of(pixels))
 
 
 def relation_holds(a: Region, relation: str, b: Region) -> bool:

@@ -127,12 +127,13 @@ def main(argv: list[str] | None = None) -> None:
         f"TACA LoRA: rank 16 on the attention, {args.lora_steps} steps at gamma 1.2 on t in [0.97, 1] "
         "(the paper's recipe), on in the TACA steps only.\n\n"
         f"{table(rows)}\n\n"
-        f"- Plain attention: all {base:.3f}; best row: {format_row(best)}. One image is worth "
+        f"- Plain attention: all {base:.3f}; best row: gamma {best['gamma']:g}, TACA while t >= {best['until']}, "
+        f"LoRA {'yes' if best['lora'] else 'no'}: all {best['all']:.3f}. One image is worth "
         f"{1 / (n * args.seeds):.4f} of a score: differences of a few hundredths are noise.\n"
         f"- Machine: {machine()}; torch {torch.__version__}, Python {sys.version.split()[0]}; "
         f"{minutes:.1f} min in all\n"
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-        f"- Command: `python -m benchmarks.taca_toy --seeds {args.seeds} --lora-steps {args.lora_steps}`\n"
+        f"- Command: `python -m benchmarks.taca_toy {' '.join(sys.argv[1:] if argv is None else argv)}`\n"
     )
     print(text)
     if not args.dry_run:

@@ -70,7 +70,7 @@ def _check(q: Tensor, n_txt: int) -> None:
         raise ValueError(f"n_txt={n_txt} is outside the sequence length {q.shape[2]}")
 
 
-def _scaled_keys(k: Tensor, n_txt: int, row: Tensor) -> Tensor:
+def scaled_keys(k: Tensor, n_txt: int, row: Tensor) -> Tensor:
     """Keys of one query modality's call: text keys times row[..., 0], image keys times row[..., 1]."""
     row = row.to(k.dtype)[..., None, None]  # (B|1, H|1, 2, 1, 1)
     return torch.cat((k[:, :, :n_txt] * row[:, :, 0], k[:, :, n_txt:] * row[:, :, 1]), dim=2)
@@ -100,8 +100,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, n_txt: int, temperature: Temperat
         return _joined(out_txt, out_img)
     else:
         T = as_temperature_matrix(temperature).to(q.device)
-        out_txt = F.scaled_dot_product_attention(q[:, :, :n_txt], _scaled_keys(k, n_txt, T[:, :, 0]), v)
-        out_img = F.scaled_dot_product_attention(q[:, :, n_txt:], _scaled_keys(k, n_txt, T[:, :, 1]), v)
+        out_txt = F.scaled_dot_product_attention(q[:, :, :n_txt], scaled_keys(k, n_txt, T[:, :, 0]), v)
+        out_img = F.scaled_dot_product_attention(q[:, :, n_txt:], scaled_keys(k, n_txt, T[:, :, 1]), v)
         return _joined(out_txt, out_img)
     B, H, L, D = out.shape
     return out.transpose(1, 2).reshape(B, L, H * D)

@@ -5,8 +5,9 @@ function it names, which takes the parsed arguments and returns the exit code. A
 its `add_...` function to `COMMANDS`.
 
 `mmdit sample PROMPT --model SOURCE` writes a PNG whose text chunks hold every setting used (prompt,
-model, variant, steps, guidance, seed, taca, size, version; negative prompt, true CFG and LoRAs when
-used), so an image can be made again.
+model, variant, steps, guidance, seed, taca, size, version; negative prompt, true CFG, LoRAs and the
+display upscale when used), so an image can be made again. Without --model it samples the tiny model
+shipped with the repo (assets/tiny-flux: 32x32 scenes of colored shapes, shown 8x enlarged), offline.
 Defaults (steps, guidance) are the model's own: see `sampling.pipeline.DEFAULTS`.
 """
 
@@ -21,15 +22,19 @@ from pathlib import Path
 
 from training.cli import add_train_parser
 
-DEFAULT_MODEL: str | None = None  # the tiny model shipped with the repo, once there is one
+from .probe import add_probe
+
+# The tiny FLUX-architecture model trained on colored-shape scenes, shipped with the repo (assets/tiny-flux)
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-flux"
 
 
 def default_model() -> str:
-    """The model used when --model is omitted (the one place to change when a default ships)."""
-    if DEFAULT_MODEL is None:
-        sys.exit("mmdit sample: no default model yet: pass --model SOURCE (a Diffusers folder, an official "
-                 "single file such as flux1-dev.safetensors, or a hub repo id such as black-forest-labs/FLUX.1-dev)")
-    return DEFAULT_MODEL
+    """The model used when --model is omitted: the shipped tiny model."""
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        sys.exit(f"mmdit: the default model is not at {DEFAULT_MODEL}: pass --model SOURCE (a Diffusers "
+                 "folder, an official single file such as flux1-dev.safetensors, or a hub repo id such as "
+                 "black-forest-labs/FLUX.1-dev)")
+    return str(DEFAULT_MODEL)
 
 
 def version() -> str:
@@ -59,7 +64,8 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="text to image", description="Generate an image from a prompt.")
     p.add_argument("prompt")
-    p.add_argument("--model", help="Diffusers folder, official single file, or hub repo id (owner/name[/file.safetensors])")
+    p.add_argument("--model", help="Diffusers folder, official single file, or hub repo id (owner/name[/file.safetensors]); "
+                   "default: the tiny model shipped in assets/tiny-flux")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="FLUX-dev: distilled guidance; SD3: CFG scale (default: the model's)")
     p.add_argument("--negative", help="negative prompt (SD3 CFG; FLUX with --true-cfg)")
@@ -71,7 +77,9 @@ def add_sample(sub) -> None:
     p.add_argument("--lora", type=Path, action="append", default=[], metavar="FILE",
                    help="a LoRA to apply (repeatable); with --taca it is on only in the TACA steps")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of every --lora")
-    p.add_argument("--size", type=parse_size, default=(1024, 1024), metavar="WxH", help="default 1024x1024")
+    p.add_argument("--size", type=parse_size, metavar="WxH", help="default: the model's (1024x1024; the tiny model 32x32)")
+    p.add_argument("--upscale", type=int, metavar="N",
+                   help="enlarge the PNG N times, nearest-neighbour (default: the model's; the tiny model 8)")
     p.add_argument("-o", "--output", default="out.png", type=Path)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
@@ -81,6 +89,7 @@ def add_sample(sub) -> None:
 
 def sample(args: argparse.Namespace) -> int:
     import torch
+    from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     import convert
@@ -98,7 +107,8 @@ def sample(args: argparse.Namespace) -> int:
     guidance = pipe.defaults.guidance if args.guidance is None else args.guidance
     seed = random.randrange(2**32) if args.seed is None else args.seed
     taca = None if args.taca is None else TacaSchedule(args.taca, args.taca_until)
-    width, height = args.size
+    width, height = args.size or (pipe.defaults.size, pipe.defaults.size)
+    upscale = pipe.defaults.upscale if args.upscale is None else args.upscale
     (image,) = pipe.generate(
         [args.prompt], height=height, width=width, steps=steps, guidance=guidance, seed=seed,
         negative_prompt=args.negative, true_cfg=args.true_cfg, temperature=taca, progress=True,
@@ -114,11 +124,15 @@ def sample(args: argparse.Namespace) -> int:
         info["true_cfg"] = args.true_cfg
     if args.lora:
         info["lora"] = ", ".join(f"{f.name} x{args.lora_scale}" for f in args.lora)
+    if upscale > 1:
+        info["upscale"] = f"x{upscale} nearest"
+        image = image.resize((width * upscale, height * upscale), Image.Resampling.NEAREST)
     png = PngInfo()
     for k, v in info.items():
         png.add_text(k, str(v))
     save_atomic(image, args.output, png)
-    print(f"wrote {args.output} ({width}x{height}, {pipe.variant}, {steps} steps, seed {seed})")
+    shown = f", shown x{upscale}" if upscale > 1 else ""
+    print(f"wrote {args.output} ({width}x{height}{shown}, {pipe.variant}, {steps} steps, seed {seed})")
     return 0
 
 
@@ -135,7 +149,7 @@ def save_atomic(image, path: Path, pnginfo) -> None:
         raise
 
 
-COMMANDS = [add_sample, add_train_parser]
+COMMANDS = [add_sample, add_probe, add_train_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,10 +11,19 @@ Any part can be given by keyword instead (`vae=`, `clip_l=`, `clip_g=`, `t5=`, `
 `clip_g_tokenizer=`, `t5_tokenizer=`); what is not given is looked for, in this order, in the file
 itself (bundled keys), beside it, and in the Diffusers sub-folders beside it. The family comes from
 the transformer's weights, never from a name; the name only tells SD3.5 Large Turbo from Large.
+
+A Diffusers folder's `model_index.json` may mark a part as absent on purpose (`"text_encoder": [null,
+null]`, Diffusers' convention for optional components): that text encoder's features are then zeros
+(a FLUX model without CLIP gets a zero pooled vector), and the autoencoder's folder may hold a
+weightless `PixelCodec` (mmdit/pixel_codec.py) instead. Its `"sampling_defaults"` entry, when there
+is one, replaces the family's defaults (`steps`, `guidance`, `size`, `upscale`; sampling/pipeline.py).
+A FLUX T5 tokenizer folder's `model_max_length` sets the text length (else 512).
+The tiny model shipped in assets/tiny-flux is such a folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,9 +33,10 @@ import torch
 
 import convert
 from convert.files import Checkpoint, CheckpointError
+from mmdit.pixel_codec import is_pixel_codec, load_pixel_codec
 from mmdit.tokenizer import CLIPTokenizer
 
-from .pipeline import PIPELINES, Pipeline
+from .pipeline import PIPELINES, Defaults, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +68,29 @@ def _first(*paths: Path) -> Path | None:
     return next((p for p in paths if p.exists()), None)
 
 
+def model_index(source: Path) -> dict:
+    """The folder's model_index.json ({} when there is none)."""
+    index = source / "model_index.json"
+    return json.loads(index.read_text()) if source.is_dir() and index.is_file() else {}
+
+
+def absent_on_purpose(source: Path) -> set[str]:
+    """The sub-folders model_index.json marks as null (`"text_encoder": [null, null]`)."""
+    return {k for k, v in model_index(source).items() if isinstance(v, list) and all(x is None for x in v)}
+
+
 def find_parts(source: Path, family: str, given: dict[str, str | os.PathLike | None]) -> dict[str, Part | None]:
     """{"vae", role, role + "_tokenizer": Part or None} for a Diffusers folder or a single file."""
     folder = source if source.is_dir() else source.parent
     keys = set() if source.is_dir() else set(Checkpoint.open(source))
+    absent = absent_on_purpose(source)
     parts: dict[str, Part | None] = {}
 
     def part(name: str, bundled: str | None, *beside: Path) -> None:
         if given.get(name) is not None:
             parts[name] = Part(Path(given[name]))
+        elif beside and beside[0].parent == folder and beside[0].name in absent:
+            parts[name] = None
         elif bundled is not None and any(k.startswith(bundled) for k in keys):
             parts[name] = Part(source, bundled)
         else:
@@ -100,9 +124,17 @@ def _missing(name: str, source: Path) -> CheckpointError:
     return CheckpointError(f"{source}: did not find {what[base]}")
 
 
+def _folder_length(folder: Path) -> int | None:
+    """A tokenizer folder's own `model_max_length`, if it sets a sane one."""
+    config = folder / "tokenizer_config.json"
+    n = json.loads(config.read_text()).get("model_max_length") if folder.is_dir() and config.is_file() else None
+    return n if isinstance(n, int) and n <= 100_000 else None
+
+
 def _tokenizer(part: Part, role: str, family: str, max_length: int | None):
     if role == "t5":
-        return convert.load_tokenizer(part.path, max_length=max_length or T5_LENGTH[family])
+        own = _folder_length(part.path) if family == "flux" else None
+        return convert.load_tokenizer(part.path, max_length=max_length or own or T5_LENGTH[family])
     if part.pad is not None:
         return CLIPTokenizer.from_files(part.path / "vocab.json", part.path / "merges.txt", pad=part.pad)
     return convert.load_tokenizer(part.path)
@@ -134,19 +166,30 @@ def load_pipeline(
     transformer = convert.load_transformer(path, device=device, dtype=dtype)
     family = transformer.family
     parts = find_parts(path, family, given)
+    absent = absent_on_purpose(path)
+    dropped = {role for role, dirs in DIFFUSERS_DIRS[family].items() if set(dirs) <= absent}  # no encoder on purpose
     for k, p in parts.items():
-        if p is None and (family, k.removesuffix("_tokenizer")) not in OPTIONAL:
+        role = k.removesuffix("_tokenizer")
+        if p is None and (family, role) not in OPTIONAL and role not in dropped:
             raise _missing(k, path)
     enc_device = "cpu" if offload_encoders else device
     encoders, tokenizers = {}, {}
     for role in ROLES[family]:
         enc, tok = parts[role], parts[f"{role}_tokenizer"]
         if enc is None or tok is None:
-            log.warning("%s: no %s text encoder%s; its features are zeros", path, role, "" if enc is None else " tokenizer")
+            if role not in dropped:
+                log.warning("%s: no %s text encoder%s; its features are zeros", path, role, "" if enc is None else " tokenizer")
             encoders[role] = tokenizers[role] = None
             continue
         encoders[role] = convert.load_text_encoder(enc.path, device=enc_device, dtype=dtype, prefix=enc.prefix)
         tokenizers[role] = _tokenizer(tok, role, family, max_sequence_length)
-    ae = convert.load_autoencoder(parts["vae"].path, family=family, device=device, dtype=dtype)
+    vae = parts["vae"].path
+    if is_pixel_codec(vae):
+        ae = load_pixel_codec(vae, device=device, dtype=dtype)
+    else:
+        ae = convert.load_autoencoder(vae, family=family, device=device, dtype=dtype)
     kwargs = {"max_sequence_length": max_sequence_length or T5_LENGTH["sd3"]} if family == "sd3" else {}
+    own_defaults = model_index(path).get("sampling_defaults")
+    if own_defaults is not None:
+        kwargs["defaults"] = Defaults(**own_defaults)
     return PIPELINES[family](transformer, ae, encoders, tokenizers, name=name, offload_encoders=offload_encoders, **kwargs)

@@ -3,7 +3,8 @@
 `Pipeline` holds the parts (transformer, autoencoder, text encoders and tokenizers by role:
 `clip_l`, `clip_g`, `t5`) and runs `generate`; the two families differ only in what the transformer
 receives (`encode_prompt`), in their schedule and in their guidance:
-- FLUX: context = T5 states; pooled = CLIP-L's pooled state, unprojected; dev-type models take the
+- FLUX: context = T5 states; pooled = CLIP-L's pooled state, unprojected (zeros for a model without
+  CLIP, such as the tiny one in assets/tiny-flux); dev-type models take the
   distilled guidance scale as an input; true CFG with a negative prompt is optional (`true_cfg`).
 - SD3/SD3.5: CLIP-L and bigG penultimate states (no final norm) side by side, zero-padded to the
   transformer's context width, then the T5 states along the sequence (zeros where T5 is absent, as
@@ -28,10 +29,13 @@ from .taca import TemperatureSpec
 
 @dataclass(frozen=True)
 class Defaults:
-    """Per-model sampling defaults: steps and guidance (FLUX-dev: distilled; SD3: CFG scale; 0 = none)."""
+    """Per-model sampling defaults: steps and guidance (FLUX-dev: distilled; SD3: CFG scale; 0 = none),
+    image side in pixels, and the nearest-neighbour factor `mmdit sample` enlarges the PNG by."""
 
     steps: int
     guidance: float
+    size: int = 1024
+    upscale: int = 1
 
 
 # The official recommendations (Diffusers' pipeline docs and the SD3.5 model cards); the variant
@@ -85,12 +89,13 @@ class Pipeline:
         tokenizers: dict[str, object | None],
         name: str = "",
         offload_encoders: bool = False,
+        defaults: Defaults | None = None,
     ):
         self.transformer, self.autoencoder = transformer, autoencoder
         self.encoders, self.tokenizers = encoders, tokenizers
         self.name = name  # where it was loaded from (repo id or path)
         self.variant = variant_of(transformer, name)
-        self.defaults = defaults_for(self.variant)
+        self.defaults = defaults or defaults_for(self.variant)  # the model folder's own, else the family's
         self.offload_encoders = offload_encoders
 
     @property
@@ -127,8 +132,8 @@ class Pipeline:
     def generate(
         self,
         prompts: str | list[str],
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -142,9 +147,10 @@ class Pipeline:
         output: str = "pil",
         progress: bool = False,
     ):
-        """Images for the prompts.
+        """Images for the prompts (height and width: default the model's, 1024 for the real ones).
 
-        noise: the initial latents (B, 16, H/8, W/8); else drawn from `seed` with a CPU generator.
+        noise: the initial latents (B, z, H/f, W/f) (z, f: the autoencoder's, 16 and 8 for the real
+            ones); else drawn from `seed` with a CPU generator.
         temperature: TACA's: a number, a [2, 2] matrix, or a function of t (sampling/taca.py).
         gate_lora: with a temperature given, LoRA adapters are on only where it is not 1.
         sigmas: your own noise levels instead of the model's schedule.
@@ -152,6 +158,7 @@ class Pipeline:
         output: "pil" (list of images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent".
         """
         prompts = as_prompts(prompts)
+        height, width = height or self.defaults.size, width or self.defaults.size
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
         if height % 16 or width % 16:
@@ -165,7 +172,7 @@ class Pipeline:
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
             noise = torch.randn(shape, generator=gen)
         elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {list(shape)} (B, 16, H/8, W/8), got {list(noise.shape)}")
+            raise ValueError(f"noise must have shape {list(shape)} (B, z, H/f, W/f), got {list(noise.shape)}")
 
         cond = self._conditioning(prompts)
         negative, cfg, distilled = self._guidance(prompts, guidance, negative_prompt, true_cfg)
@@ -184,6 +191,8 @@ class FluxPipeline(Pipeline):
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
         prompts = as_prompts(prompts)
         context, _ = self._encode("t5", prompts)  # (B, L, 4096)
+        if self.encoders.get("clip_l") is None:  # a model without CLIP (assets/tiny-flux): text enters by attention only
+            return context, context.new_zeros(len(prompts), self.transformer.params.vec_in_dim)
         (hidden, _), ids = self._encode("clip_l", prompts)  # (B, 77, 768)
         pooled = hidden[torch.arange(len(prompts)), ids.argmax(-1)]  # EOS state, unprojected
         return context, pooled

@@ -44,14 +44,9 @@ from training.data import BatchSampler, Item, bucket_sizes, load_image, scan, ta
 from training.loop import ADAPTER
 from training.loss import batch_temperature, draw, flow_matching_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is much faster than two on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 def ckpt_names(output) -> list[str]:

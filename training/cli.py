@@ -1,4 +1,5 @@
-"""`mmdit train` (also `python -m training`): train a TACA LoRA from flags and/or a TOML config.
+"""`mmdit train` (also `python -m training`): train a TACA LoRA (or, `--train full`, every weight) from flags
+and/or a TOML config.
 
 Every flag is a field of `TrainConfig` (training/config.py); a flag given on the command line wins
 over the TOML file, which wins over the defaults. Exit codes: 0 done, 1 stopped on a non-finite
@@ -26,8 +27,10 @@ FLAGS: dict[str, tuple[type, str]] = {
     "alpha": (float, "LoRA alpha (default: the rank)"),
     "targets": (str, "comma-separated LoRA targets: attn, mlp, mod, or module regexes (default attn)"),
     "dropout": (float, "LoRA dropout (default 0)"),
+    "train": (str, "what trains: lora (a TACA LoRA, default) or full (every weight, e.g. from a random init)"),
     "lr": (float, "AdamW learning rate (default 1e-4)"),
     "warmup_steps": (int, "linear warm-up steps (default 0)"),
+    "lr_schedule": (str, "after the warm-up: constant (default) or cosine (down to 0 at the last step)"),
     "weight_decay": (float, "AdamW weight decay (default 0.01)"),
     "max_grad_norm": (float, "gradient clipping norm, 0 for none (default 1.0)"),
     "taca_gamma": (float, "TACA temperature of image-to-text logits (paper: 1.2; 1: no TACA)"),

@@ -16,6 +16,8 @@ from pathlib import Path
 
 TIMESTEP_SAMPLING = ("window", "logit-normal", "uniform")
 MIXED_PRECISION = ("bf16", "no")
+TRAIN = ("lora", "full")
+LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -34,8 +36,10 @@ class TrainConfig:
     alpha: float | None = None  # default: rank (scale 1)
     targets: list[str] = field(default_factory=lambda: ["attn"])  # mmdit.lora target groups or regexes
     dropout: float = 0.0  # LoRA dropout
+    train: str = "lora"  # lora: a TACA LoRA on the frozen model; full: every weight (training from scratch)
     lr: float = 1e-4
-    warmup_steps: int = 0  # linear warm-up from 0, then constant
+    warmup_steps: int = 0  # linear warm-up from 0, then `lr_schedule`
+    lr_schedule: str = "constant"  # constant, or cosine: down to 0 at the last step
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # 0: no clipping
     taca_gamma: float = 1.2  # 1.0: plain attention (a LoRA without TACA)
@@ -62,7 +66,8 @@ class TrainConfig:
             raise ValueError(f"resolution must be a multiple of 16 (8x autoencoder, 2x2 patches): {self.resolution}")
         if not 0.0 <= self.t_min < 1.0:
             raise ValueError(f"t_min must lie in [0, 1), got {self.t_min}")
-        choices = {"timesteps": TIMESTEP_SAMPLING, "mixed_precision": MIXED_PRECISION, "dtype": DTYPES}
+        choices = {"timesteps": TIMESTEP_SAMPLING, "mixed_precision": MIXED_PRECISION, "dtype": DTYPES,
+                   "train": TRAIN, "lr_schedule": LR_SCHEDULES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

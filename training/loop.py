@@ -4,13 +4,16 @@ One optimizer step: the global batch (`batch_size` pairs, from the seeded `Batch
 into `grad_accum` micro-batches, each split over the processes; every sample draws its noise and t
 from (seed, step, its index in the global batch), so 1 process with accumulation and N processes
 compute the same samples. Gradients are averaged over processes (training/distributed.py),
-clipped, and AdamW steps with a linear warm-up. Only the adapter's A and B matrices train, in
-float32; the base stays in `dtype` and the forward runs under bf16 autocast by default.
+clipped, and AdamW steps with a linear warm-up (then constant, or a cosine decay to 0). Only the
+adapter's A and B matrices train, in float32; the base stays in `dtype` and the forward runs under
+bf16 autocast by default. With `train="full"` every weight of the transformer trains instead (how
+the tiny model of assets/tiny-flux is trained from its random initialization; use dtype float32).
 
 Every `checkpoint_every` steps, on Ctrl-C or SIGTERM (after the current step) and at the end, a checkpoint is
 written atomically (training/checkpoint.py); `resume` continues from one exactly. A non-finite
 loss stops the run before the step is applied, naming the last good checkpoint. The result is
-`OUTPUT/lora.safetensors` (Diffusers/PEFT layout with TACA metadata, `convert.save_lora`) and
+`OUTPUT/lora.safetensors` (Diffusers/PEFT layout with TACA metadata, `convert.save_lora`), or with
+`train="full"` `OUTPUT/transformer.safetensors` (the whole transformer, BFL keys), and
 `OUTPUT/log.jsonl`, one line per step.
 """
 
@@ -33,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import convert
+from convert.files import save_safetensors_atomic
 from mmdit.lora import inject_lora
 from sampling.taca import TacaSchedule
 
@@ -55,7 +59,7 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    model: nn.Module  # the transformer with the trained adapter `ADAPTER`
+    model: nn.Module  # the transformer with the trained adapter `ADAPTER` (train="full": the trained transformer)
     losses: list[float]  # the global mean loss of each step this run made
     step: int  # optimizer steps done in total
     interrupted: bool  # stopped by Ctrl-C (a checkpoint was written, no LoRA file)
@@ -63,8 +67,11 @@ class TrainResult:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over `warmup_steps` (step 0 gets lr / warmup_steps), then constant."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    """Linear warm-up over `warmup_steps` (step 0 gets lr / warmup_steps), then constant or cosine to 0 at `steps`."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
+        lr *= 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)))
+    return lr
 
 
 class StopOnSignal:
@@ -151,11 +158,13 @@ def _start(cfg: TrainConfig, params: dict, optimizer, out: Path) -> int:
     return start
 
 
-def _lora(cfg: TrainConfig, model: nn.Module) -> dict[str, nn.Parameter]:
-    """Freeze the model, add the adapter (seeded, the same in every process); its parameters by name."""
-    model.requires_grad_(False)
+def _trainable(cfg: TrainConfig, model: nn.Module) -> dict[str, nn.Parameter]:
+    """Freeze the model and add the adapter (seeded, the same in every process), or with train="full"
+    unfreeze every weight; the trained parameters by name."""
+    model.requires_grad_(cfg.train == "full")
     torch.manual_seed(cfg.seed)
-    inject_lora(model, ADAPTER, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, dtype=torch.float32)
+    if cfg.train == "lora":
+        inject_lora(model, ADAPTER, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, dtype=torch.float32)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     dist.broadcast_(list(params.values()))
     model.train()
@@ -218,7 +227,7 @@ def train(
     model, data = _load(cfg, device, model, encoders)
     if rank == 0:
         log.info("%d pairs (%d encoded now, %d unreadable images skipped)", len(data), data.encoded, data.skipped)
-    params = _lora(cfg, model)
+    params = _trainable(cfg, model)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = _start(cfg, params, optimizer, out)
     sampler = BatchSampler(data.sizes, B, cfg.seed)
@@ -274,6 +283,10 @@ def train(
     save(step)
     if interrupted:
         log.warning("interrupted at step %d: %s written; continue with --resume", step, checkpoint_path(ckpt_dir, step))
+    elif rank == 0 and cfg.train == "full":
+        meta = {"train.steps": str(step), "train.config": cfg.to_json()}
+        save_safetensors_atomic({k: v.detach() for k, v in model.state_dict().items()}, out / "transformer.safetensors", meta)
+        log.info("wrote %s", out / "transformer.safetensors")
     elif rank == 0:
         meta = {"taca.gamma": cfg.taca_gamma, "taca.until": cfg.t_min, "train.steps": step,
                 "train.config": cfg.to_json()}

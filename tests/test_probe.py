@@ -1,0 +1,163 @@
+"""The attention probe: its text mass equals explicit softmax weights, TACA raises it, and it changes nothing it watches."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+from builders import TINY_FLUX, randomize_, rel_err
+from PIL import Image
+from pipeline_builders import built
+
+from mmdit import attention as attn
+from mmdit.attention import attention, taca_matrix, temperature_logit_scale
+from mmdit.flux import Flux
+from mmdit.probe import probe_attention, text_attention_mass, transformer_blocks
+from mmdit.sd3 import SD3, SD3Params
+from sampling import TacaSchedule, load_pipeline
+from sampling.cli import main
+from sampling.probe import CELL, HEAD, LEFT, color
+
+# SD3.5-Medium-like: qk-norm and an image-only attn2 in layer 0 (which the probe must skip)
+TINY_SD3 = SD3Params(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=16, adm_in_channels=32,
+                     context_in_dim=64, qk_norm=True, x_block_self_attn_layers=(0,))
+GENERAL = torch.tensor([[0.9, 1.1], [1.3, 0.8]])  # a full temperature matrix [query][key]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+
+
+def tiny(family: str):
+    """(model, inputs): a random tiny model, 2 samples, 5 text tokens, 4x6 latent."""
+    g = torch.Generator().manual_seed(1)
+    if family == "flux":
+        model, pooled = Flux(TINY_FLUX), torch.randn(2, TINY_FLUX.vec_in_dim, generator=g)
+        context = torch.randn(2, 5, TINY_FLUX.context_in_dim, generator=g)
+    else:
+        model, pooled = SD3(TINY_SD3), torch.randn(2, TINY_SD3.adm_in_channels, generator=g)
+        context = torch.randn(2, 5, TINY_SD3.context_in_dim, generator=g)
+    randomize_(model, seed=2).eval()
+    x = torch.randn(2, 16, 4, 6, generator=g)
+    return model, dict(x=x, t=torch.tensor([0.9, 0.4]), context=context, pooled=pooled, guidance=torch.full((2,), 3.5))
+
+
+def explicit_text_mass(q, k, n_txt, temperature):
+    """softmax(T * q k^T / sqrt(d)) written out, summed over text keys, mean over image queries: (B, H)."""
+    L, D = q.shape[2], q.shape[3]
+    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    weights = (logits * temperature_logit_scale(temperature, n_txt, L).double()).softmax(-1)  # (B, H, L, L)
+    return weights[:, :, n_txt:, :n_txt].sum(-1).mean(-1)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("temperature", [None, 1.5, GENERAL], ids=["plain", "taca1.5", "matrix"])
+def test_probe_equals_explicit_softmax(family, temperature):
+    model, inputs = tiny(family)
+    calls = []
+    with torch.no_grad(), probe_attention(model) as probe:
+        attn.OBSERVERS.append(lambda q, k, n, T: calls.append((q.clone(), k.clone(), n, T)))
+        try:
+            model(**inputs, temperature=temperature)
+            model(**inputs, temperature=temperature)
+        finally:
+            attn.OBSERVERS.pop()
+    joint = [c for c in calls if c[2] > 0]
+    if family == "sd3":
+        assert len(calls) == 2 * 3 and len(joint) == 2 * 2  # attn2 in layer 0 is seen, and skipped
+        assert probe.layers() == ["joint_blocks.0", "joint_blocks.1"]
+    else:
+        assert probe.layers() == ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"]
+    per_call = len(joint) // 2
+    assert [r.step for r in probe.records] == [0] * per_call + [1] * per_call and len(probe.records) == len(joint)
+    for r, (q, k, n_txt, T) in zip(probe.records, joint):
+        assert (r.n_txt, r.n_img, r.t) == (5, 6, pytest.approx(0.9))  # 4x6 latent: 2x3 patches
+        assert r.text_mass.shape == (2, 2)
+        assert rel_err(r.text_mass, explicit_text_mass(q, k, n_txt, T)) <= 1e-5
+
+
+def test_taca_raises_the_text_mass():
+    model, inputs = tiny("flux")
+    masses = {}
+    for gamma in (None, 1.5):
+        with torch.no_grad(), probe_attention(model) as probe:
+            model(**inputs, temperature=gamma)
+        masses[gamma] = torch.stack([r.text_mass for r in probe.records])  # (layers, B, H)
+    plain, taca = masses[None], masses[1.5]
+    assert (taca[0] > plain[0]).all()  # first layer: same q and k, only gamma differs
+    assert taca.mean() > 1.05 * plain.mean()
+
+
+def test_mass_is_the_attention_weight_on_text():
+    """For one query, the text mass is the weight the attention output gives to the text values."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 9, 8, generator=g) for _ in range(2))
+    v = torch.zeros(1, 2, 9, 8)
+    v[:, :, :3] = 1  # the same indicator as values: the attention output is the mass
+    for T in (None, 1.3, taca_matrix(0.7)):
+        out = attention(q, k, v, 3, T).unflatten(-1, (2, 8))[:, 3:, :, 0].transpose(1, 2)  # (B, H, L_img)
+        assert rel_err(text_attention_mass(q, k, 3, T), out) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_without_observers_outputs_are_unchanged(family):
+    model, inputs = tiny(family)
+    with torch.no_grad():
+        before = model(**inputs, temperature=1.2)
+        with probe_attention(model):
+            during = model(**inputs, temperature=1.2)
+        after = model(**inputs, temperature=1.2)
+    assert torch.equal(before, during) and torch.equal(before, after)
+    assert attn.OBSERVERS == [] and not model._forward_pre_hooks
+    assert not any(block._forward_pre_hooks for _, block in transformer_blocks(model))
+    with pytest.raises(RuntimeError), probe_attention(model):
+        raise RuntimeError("an error inside the probe")
+    assert attn.OBSERVERS == []  # removed on errors too
+
+
+def test_attention_compiles_without_a_graph_break():
+    q = torch.randn(1, 2, 7, 8)
+    compiled = torch.compile(attention, backend="eager", fullgraph=True)  # fullgraph: a break is an error
+    assert torch.equal(compiled(q, q, q, 3, 1.2), attention(q, q, q, 3, 1.2))
+
+
+def test_cli_writes_csv_and_png(tmp_path):
+    _, folder = built("flux")
+    out = tmp_path / "probe.csv"
+    assert main(["probe", "a photo of a cat", "--model", str(folder), "--steps", "2", "--size", "32x48",
+                 "--taca", "1.4", "--taca-until", "0.5", "-o", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    layers = ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"]
+    assert [(int(r["step"]), r["layer"]) for r in rows] == [(s, name) for s in range(2) for name in layers]
+    assert list(rows[0])[:7] == ["step", "t", "layer", "n_txt", "n_img", "uniform", "text_mass"]
+    # the same run through the Python API gives the same numbers (and TACA was on while t >= 0.5)
+    pipe = load_pipeline(folder)
+    with probe_attention(pipe.transformer) as probe:
+        pipe.generate("a photo of a cat", height=48, width=32, steps=2, guidance=3.5, seed=0,
+                      temperature=TacaSchedule(1.4, 0.5), output="latent")
+    schedule = pipe.sigmas(2, 6, 4)
+    for r, rec in zip(rows, probe.records):
+        assert float(r["t"]) == pytest.approx(schedule[rec.step].item(), rel=1e-5)
+        assert float(r["text_mass"]) == pytest.approx(rec.text_mass[-1].mean().item(), rel=1e-5)
+        assert [float(r["head_0"]), float(r["head_1"])] == pytest.approx(rec.text_mass[-1].tolist(), rel=1e-5)
+        assert int(r["n_img"]) == 6 and float(r["uniform"]) == pytest.approx(int(r["n_txt"]) / (int(r["n_txt"]) + 6))
+    image = Image.open(out.with_suffix(".png"))
+    assert image.text["taca"] == "gamma=1.4 until t=0.5" and image.text["steps"] == "2"
+    # the heat map: steps x layers cells, the colour of a cell is its mass over the largest
+    top = max(float(r["text_mass"]) for r in rows)
+    for s, j in ((0, 0), (1, 3)):
+        cell = image.convert("RGB").getpixel((LEFT + j * CELL + CELL // 2, HEAD + s * CELL + CELL // 2))
+        assert cell == color(float(rows[4 * s + j]["text_mass"]) / top)
+
+
+def test_cli_sd3_with_cfg(tmp_path):
+    _, folder = built("sd3")
+    out = tmp_path / "sd3.csv"
+    assert main(["probe", "a red dog", "--model", str(folder), "--steps", "2", "--size", "32x32", "-o", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["layer"]) for r in rows] == [(s, f"joint_blocks.{i}") for s in "01" for i in range(2)]
+    assert all(0 < float(r["text_mass"]) < 1 for r in rows) and out.with_suffix(".png").exists()

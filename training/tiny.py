@@ -1,0 +1,216 @@
+"""Build and train the tiny FLUX-architecture model shipped in assets/tiny-flux (the default of `mmdit sample`).
+
+    python -m training.tiny                # the recorded run: dataset, initial model, training, assets/tiny-flux
+
+Every part is the project's own code at toy size, in a Diffusers-style folder that `load_pipeline` reads:
+- `transformer/`: `mmdit.flux.Flux` (BFL keys), 48 input channels (2x2 patches of 12), no guidance
+  embedding; trained from a seeded random init by `training.train` with `train="full"`;
+- `text_encoder_2/` + `tokenizer_2/`: a 2-layer T5 v1.1 encoder (`mmdit.t5`, Hugging Face keys), random
+  and frozen, with a word-level sentencepiece model of the captions' 16 words. Its relative-position
+  bias is drawn large so each word's state carries its neighbours (which color goes with which shape)
+  and its place in the caption (which object comes first): FLUX gives every text token position 0;
+- no CLIP (`model_index.json` marks `text_encoder` null): the pooled vector is zeros, so the text
+  reaches the image through the joint attention only, exactly where TACA acts;
+- `vae/`: the weightless `PixelCodec` (mmdit/pixel_codec.py): 32x32 images are 12x16x16 latents.
+
+Data: training/scenes.py (the held-out layouts never appear). Everything is seeded; on another
+machine the same command gives the same data and, up to floating-point summation order, the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from convert.files import save_safetensors_atomic
+from convert.flux import default_axes
+from mmdit.flux import Flux, FluxParams
+from mmdit.pixel_codec import PixelCodec
+from mmdit.t5 import T5Config, T5Encoder
+
+from . import scenes
+from .config import TrainConfig
+from .loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets" / "tiny-flux"
+SAMPLING_DEFAULTS = {"steps": 20, "guidance": 0.0, "size": scenes.SIZE, "upscale": 8}
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """The sizes of the tiny model."""
+
+    hidden: int = 128
+    heads: int = 4
+    depth: int = 3  # double-stream blocks
+    depth_single: int = 3
+    vec_in_dim: int = 16  # the pooled vector (zeros: no CLIP)
+    t5_dim: int = 64
+    t5_heads: int = 4
+    t5_layers: int = 2
+    t5_position_std: float = 3.0  # the random relative-position bias (see the module docstring)
+
+    def flux(self) -> FluxParams:
+        z = PixelCodec().params.z_channels
+        return FluxParams(
+            in_channels=4 * z, out_channels=4 * z, vec_in_dim=self.vec_in_dim, context_in_dim=self.t5_dim,
+            hidden_size=self.hidden, num_heads=self.heads, depth=self.depth, depth_single_blocks=self.depth_single,
+            axes_dim=default_axes(self.hidden // self.heads), guidance_embed=False,
+        )
+
+    def t5(self, vocab_size: int) -> T5Config:
+        return T5Config(vocab_size=vocab_size, d_model=self.t5_dim, d_kv=self.t5_dim // self.t5_heads,
+                        num_heads=self.t5_heads, d_ff=2 * self.t5_dim, num_layers=self.t5_layers)
+
+
+def all_captions() -> list[str]:
+    """Every caption the grammar makes (held-out ones too: the tokenizer must know every word)."""
+    singles = {scenes.Scene((scenes.Obj(*o),)).caption for o in scenes.objects()}
+    pairs = {scenes.Scene((scenes.Obj(*a), scenes.Obj(*b)), rel).caption
+             for lay in scenes.all_layouts() for a, rel, b in scenes.captions_of(lay)}
+    return sorted(singles | pairs)
+
+
+def write_tokenizer(folder: Path) -> int:
+    """A word-level sentencepiece model of the caption vocabulary, T5's special ids (<pad> 0, </s> 1, <unk> 2);
+    returns the vocabulary size."""
+    import sentencepiece
+
+    captions = all_captions()
+    words = {w for c in captions for w in c.split()}
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=proto, vocab_size=len(words) + 3, model_type="word",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(proto.getvalue())
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
+    length = max(len(sp.encode(c)) for c in captions) + 2  # + </s> and one <pad>
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": length}, indent=1) + "\n")
+    return sp.get_piece_size()
+
+
+def init_t5(cfg: T5Config, spec: TinySpec, seed: int) -> T5Encoder:
+    """Random T5 weights at the scale of T5's own init (q: (d_model d_kv)^-1/2, no 1/sqrt(d) in its attention)."""
+    g = torch.Generator().manual_seed(seed)
+    enc = T5Encoder(cfg)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if name.endswith("relative_attention_bias.weight"):
+                p.copy_(spec.t5_position_std * torch.randn(p.shape, generator=g))
+            elif name == "shared.weight":
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.dim() == 2:
+                fan_in = p.shape[1] * (cfg.d_kv if name.endswith("SelfAttention.q.weight") else 1)
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+    return enc
+
+
+def init_flux(p: FluxParams, seed: int) -> Flux:
+    """PyTorch's default init, then adaLN-Zero (as DiT): every modulation and the output layer start at zero,
+    so each block starts as the identity and the model as v = 0."""
+    torch.manual_seed(seed)
+    model = Flux(p)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith(("_mod.lin", "modulation.lin", "adaLN_modulation.1", "final_layer.linear")):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+    return model
+
+
+def t5_config_json(cfg: T5Config) -> dict:
+    """The Hugging Face config.json of the encoder (what `convert.load_text_encoder` reads beside the shapes)."""
+    return {"model_type": "t5", "architectures": ["T5EncoderModel"], "d_model": cfg.d_model, "d_kv": cfg.d_kv,
+            "num_heads": cfg.num_heads, "d_ff": cfg.d_ff, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
+            "relative_attention_num_buckets": cfg.num_buckets, "relative_attention_max_distance": cfg.max_distance,
+            "layer_norm_epsilon": cfg.eps, "feed_forward_proj": "gated-gelu"}
+
+
+def write_model(folder: Path, spec: TinySpec, seed: int) -> Path:
+    """The untrained model folder: tokenizer, frozen T5, codec, random transformer, model_index.json."""
+    vocab = write_tokenizer(folder / "tokenizer_2")
+    t5 = init_t5(spec.t5(vocab), spec, seed)
+    (folder / "text_encoder_2").mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(t5.state_dict(), folder / "text_encoder_2" / "model.safetensors")
+    (folder / "text_encoder_2" / "config.json").write_text(json.dumps(t5_config_json(t5.cfg), indent=1) + "\n")
+    (folder / "vae").mkdir(exist_ok=True)
+    (folder / "vae" / "config.json").write_text(json.dumps(PixelCodec().config(), indent=1) + "\n")
+    (folder / "transformer").mkdir(exist_ok=True)
+    save_safetensors_atomic(init_flux(spec.flux(), seed + 1).state_dict(), folder / "transformer" / "tiny-flux.safetensors")
+    index = {"_class_name": "FluxPipeline", "text_encoder": [None, None], "tokenizer": [None, None],
+             "text_encoder_2": ["mmdit", "T5Encoder"], "tokenizer_2": ["sentencepiece", "spiece.model"],
+             "transformer": ["mmdit", "Flux"], "vae": ["mmdit", "PixelCodec"], "sampling_defaults": SAMPLING_DEFAULTS}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return folder
+
+
+def tiny_train_config(model: Path, data: Path, output: Path, **overrides) -> TrainConfig:
+    """The recorded recipe: every weight trains, float32 on the CPU, uniform t, cosine learning rate."""
+    base = dict(model=str(model), data=str(data), output=str(output), train="full", resolution=scenes.SIZE,
+                batch_size=64, steps=3000, lr=1e-3, warmup_steps=100, lr_schedule="cosine", weight_decay=0.0,
+                timesteps="uniform", taca_gamma=1.0, dtype="float32", mixed_precision="no", device="cpu",
+                checkpoint_every=500, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def assemble(init: Path, trained: Path, out: Path, dtype: torch.dtype = torch.float16) -> None:
+    """The shipped folder: the untrained one with the trained transformer in its place (stored in `dtype`)."""
+    from safetensors.torch import load_file
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(init, tmp)
+    weights = {k: v.to(dtype) for k, v in load_file(trained).items()}
+    save_safetensors_atomic(weights, tmp / "transformer" / "tiny-flux.safetensors")
+    if out.exists():
+        readme = out / "README.md"
+        if readme.is_file():
+            shutil.copy(readme, tmp / "README.md")
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m training.tiny", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "tiny", help="data, cache, checkpoints, log")
+    ap.add_argument("--out", type=Path, default=ASSETS, help="the model folder written at the end")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue the run in --work")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    data = args.work / "scenes" / "train"
+    if not data.is_dir():
+        scenes.write_dataset(args.work / "scenes", seed=args.seed)
+    init = args.work / "init"
+    if not (init / "model_index.json").is_file():
+        write_model(init, TinySpec(), args.seed)
+    cfg = tiny_train_config(init, data, args.work / "train", steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, seed=args.seed, resume="latest" if args.resume else None)
+    result = train(cfg)
+    if result.interrupted:
+        return
+    assemble(init, args.work / "train" / "transformer.safetensors", args.out)
+    minutes = (time.perf_counter() - start) / 60
+    tail = result.losses[-100:]
+    print(f"wrote {args.out} in {minutes:.1f} min; mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f}")
+
+
+if __name__ == "__main__":
+    main()
