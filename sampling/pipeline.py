@@ -71,9 +71,12 @@ def as_prompts(prompts: str | list[str]) -> list[str]:
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] -> PIL images (rounded to 8 bits)."""
-    arr = (images.permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype("uint8")
-    return [Image.fromarray(a) for a in arr]
+    """(B, 3, H, W) in [0, 1] -> PIL images (rounded to 8 bits; numpy is not needed)."""
+    out = []
+    for img in images.detach().float().cpu():
+        hwc = (img * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()  # (H, W, 3), its own storage
+        out.append(Image.frombytes("RGB", (hwc.shape[1], hwc.shape[0]), bytes(hwc.untyped_storage())))
+    return out
 
 
 class Pipeline:
