@@ -433,6 +433,18 @@ def test_sd3_lora_matches_diffusers(tmp_path):
     convert.load_lora(again, tmp_path / "kohya.safetensors")
     assert rel_err(run(again, dict(x=x, t=t, context=context, pooled=pooled)), expected) <= 1e-4
 
+    # ComfyUI names (`diffusion_model.` + our SAI paths), with lora_down/up and with lora_A/B
+    ours = lora_state_dict(model, "pytorch_lora_weights")
+    for updown in (True, False):
+        comfy = {}
+        for k, v in ours.items():
+            mod, role = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|alpha)", k).groups()
+            comfy[f"diffusion_model.{mod}.{roles[role] if updown else role}"] = v
+        save_file(comfy, tmp_path / "comfy.safetensors")
+        again = load_transformer(base)
+        convert.load_lora(again, tmp_path / "comfy.safetensors")
+        assert rel_err(run(again, dict(x=x, t=t, context=context, pooled=pooled)), expected) <= 1e-4
+
     names = inject_lora(load_transformer(base))  # default targets: attention of both streams and attn2
     assert "joint_blocks.1.x_block.attn2.qkv" in names and "joint_blocks.2.context_block.attn.qkv" in names
     assert "joint_blocks.2.context_block.attn.proj" not in names and len(names) == 3 * 4 - 1 + 2 * 2
