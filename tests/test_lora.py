@@ -422,28 +422,22 @@ def test_sd3_lora_matches_diffusers(tmp_path):
     diffusers_load(StableDiffusion3Pipeline, ref2, out, "ours")
     assert rel_err(sd3_reference(ref2, x, t, context, pooled), expected) <= 1e-4
 
-    # kohya names (our SAI paths, dots as underscores; no swap) of the same adapter
-    roles = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "alpha": "alpha"}
-    kohya = {}
-    for k, v in lora_state_dict(model, "pytorch_lora_weights").items():
-        mod, role = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|alpha)", k).groups()
-        kohya[f"lora_unet_{mod.replace('.', '_')}.{roles[role]}"] = v
-    save_file(kohya, tmp_path / "kohya.safetensors")
-    again = load_transformer(base)
-    convert.load_lora(again, tmp_path / "kohya.safetensors")
-    assert rel_err(run(again, dict(x=x, t=t, context=context, pooled=pooled)), expected) <= 1e-4
-
-    # ComfyUI names (`diffusion_model.` + our SAI paths), with lora_down/up and with lora_A/B
-    ours = lora_state_dict(model, "pytorch_lora_weights")
-    for updown in (True, False):
-        comfy = {}
-        for k, v in ours.items():
+    # the same adapter under our SAI paths (no swap): kohya (dots as underscores), ComfyUI (`diffusion_model.`)
+    updown = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "alpha": "alpha"}
+    layouts = {
+        "kohya": lambda mod, role: f"lora_unet_{mod.replace('.', '_')}.{updown[role]}",
+        "comfy-updown": lambda mod, role: f"diffusion_model.{mod}.{updown[role]}",
+        "comfy-AB": lambda mod, role: f"diffusion_model.{mod}.{role}",
+    }
+    for layout, name in layouts.items():
+        sd = {}
+        for k, v in lora_state_dict(model, "pytorch_lora_weights").items():
             mod, role = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|alpha)", k).groups()
-            comfy[f"diffusion_model.{mod}.{roles[role] if updown else role}"] = v
-        save_file(comfy, tmp_path / "comfy.safetensors")
+            sd[name(mod, role)] = v
+        save_file(sd, tmp_path / f"{layout}.safetensors")
         again = load_transformer(base)
-        convert.load_lora(again, tmp_path / "comfy.safetensors")
-        assert rel_err(run(again, dict(x=x, t=t, context=context, pooled=pooled)), expected) <= 1e-4
+        convert.load_lora(again, tmp_path / f"{layout}.safetensors")
+        assert rel_err(run(again, dict(x=x, t=t, context=context, pooled=pooled)), expected) <= 1e-4, layout
 
     names = inject_lora(load_transformer(base))  # default targets: attention of both streams and attn2
     assert "joint_blocks.1.x_block.attn2.qkv" in names and "joint_blocks.2.context_block.attn.qkv" in names
