@@ -103,7 +103,7 @@ def sample(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model, device=device, dtype=dtype, offload_encoders=args.offload_encoders)
     for file in args.lora:
         convert.load_lora(pipe.transformer, file, scale=args.lora_scale)
-    steps = args.steps or pipe.defaults.steps
+    steps = pipe.defaults.steps if args.steps is None else args.steps
     guidance = pipe.defaults.guidance if args.guidance is None else args.guidance
     seed = random.randrange(2**32) if args.seed is None else args.seed
     taca = None if args.taca is None else TacaSchedule(args.taca, args.taca_until)
@@ -162,4 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (OSError, ValueError, RuntimeError) as e:  # bad paths, files, settings, hub answers: one line, no traceback
+        print(f"mmdit {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -161,12 +161,13 @@ class Pipeline:
         output: "pil" (list of images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent".
         """
         prompts = as_prompts(prompts)
-        height, width = height or self.defaults.size, width or self.defaults.size
+        height = self.defaults.size if height is None else height
+        width = self.defaults.size if width is None else width
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
-        if height % 16 or width % 16:
+        if height <= 0 or width <= 0 or height % 16 or width % 16:
             raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
-        steps = steps or self.defaults.steps
+        steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance is None else guidance
         ae = self.autoencoder
         h, w = height // ae.params.downscale, width // ae.params.downscale

@@ -142,7 +142,7 @@ def probe(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
     pipe = load_pipeline(model, device=device, dtype=dtype)
-    steps = args.steps or pipe.defaults.steps
+    steps = pipe.defaults.steps if args.steps is None else args.steps
     guidance = pipe.defaults.guidance if args.guidance is None else args.guidance
     taca = None if args.taca is None else TacaSchedule(args.taca, args.taca_until)
     width, height = args.size or (pipe.defaults.size, pipe.defaults.size)

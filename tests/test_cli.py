@@ -96,3 +96,13 @@ def test_sample_with_a_taca_lora(tmp_path):
     assert torch.equal(pixels(image), pixels(expected))
     (always_on,) = fresh.generate(PROMPT, temperature=TacaSchedule(1.2, 0.9), gate_lora=False, **kw)
     assert not torch.equal(pixels(image), pixels(always_on))
+
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
+    """A missing model or a zero step count: exit 2 and a message naming it, no traceback, no image."""
+    out = tmp_path / "x.png"
+    assert main(["sample", "a red circle", "--model", str(tmp_path / "absent"), "-o", str(out)]) == 2
+    assert f"{tmp_path / 'absent'}: no such file or folder" in capsys.readouterr().err
+    assert main(["sample", "a red circle", "--steps", "0", "-o", str(out)]) == 2  # 0 is not "the default"
+    assert "steps must be at least 1, got 0" in capsys.readouterr().err
+    assert not out.exists()
