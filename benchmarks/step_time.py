@@ -29,8 +29,9 @@ float and tensor temperature), and on CUDA the host-device syncs of one eager st
 (`torch.cuda.set_sync_debug_mode`).
 
 The full FLUX pipeline (`--pipeline`): sampling.FluxPipeline with random-weight CLIP-L, T5-XXL,
-transformer and autoencoder (tokenizers replaced by fixed random ids), encoders kept on the CPU and
-moved to the GPU only to encode (`offload_encoders=True`): seconds per image and peak memory.
+transformer and autoencoder (tokenizers replaced by fixed random ids), for each `--offload` mode
+(default: the text encoders streamed to the GPU block by block, copied whole, and every part copied
+whole for its phase): seconds per image and peak memory.
 
 The cost model (`--cost`, no GPU needed): one eager step at full size, ours and Diffusers', counted op
 by op on the meta device (benchmarks/step_cost.py): kernels, matmul and attention FLOPs, bytes moved.
@@ -254,15 +255,17 @@ def tensor_bytes(module: nn.Module) -> int:
 
 
 def measure(
-    step: Step, device: torch.device, warmup: int, steps: int, weight_bytes: int
+    step: Step, device: torch.device, warmup: int, steps: int, weight_bytes: int, absolute: bool = False
 ) -> tuple[float, float | None]:
-    """(median seconds per step, peak GB or None off CUDA); the warm-up (compilation included) is not timed."""
+    """(median seconds per step, peak GB or None off CUDA); the warm-up (compilation included) is not timed.
+    Peak: `weight_bytes` + what the steps allocate above what was allocated before them, or with
+    `absolute` everything allocated on the device at the peak."""
     for _ in range(warmup):
         step()
     synchronize(device)
     cuda = device.type == "cuda"
     if cuda:
-        base = torch.cuda.memory_allocated(device)
+        base = 0 if absolute else torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
@@ -418,6 +421,7 @@ class RandomTokens:
 
 @dataclass
 class PipelineResult:
+    offload: str | None
     size: str
     steps: int
     seconds: float | None  # per image
@@ -426,8 +430,9 @@ class PipelineResult:
 
 
 @torch.no_grad()
-def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> PipelineResult:
-    """FLUX-dev text to image with random weights: one warm-up image, then the median of `--pipeline-images`."""
+def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[PipelineResult]:
+    """FLUX-dev text to image with random weights, for each `--offload` mode: one warm-up image, then the
+    median of `--pipeline-images`; peak: everything the pipeline holds on the device, weights included."""
     from mmdit.autoencoder import AutoEncoder
     from mmdit.autoencoder import preset as ae_preset
     from mmdit.clip import CLIP_PRESETS, CLIPTextEncoder
@@ -450,15 +455,30 @@ def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
     t5_length = (TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS)["flux"]
     tokenizers = {"clip_l": RandomTokens(clip_cfg.vocab_size, clip_cfg.max_positions, args.seed),
                   "t5": RandomTokens(t5_cfg.vocab_size, t5_length, args.seed)}
-    pipe = FluxPipeline(transformer, autoencoder, encoders, tokenizers, name="random weights", offload_encoders=True)
+    results = []
+    for mode in args.offload:
+        offload = None if mode == "none" else mode
+        home = "cpu" if offload in ("model", "stream") else device  # where the transformer and VAE live
+        parts = {"t5": encoders["t5"].to("cpu" if offload else device),
+                 "clip_l": encoders["clip_l"].to("cpu" if offload else device)}
+        pipe = FluxPipeline(transformer.to(home), autoencoder.to(home), parts, tokenizers, name="random weights",
+                            offload=offload, device=device)
 
-    def image() -> Tensor:
-        return pipe.generate("a photo of a cat", height=size, width=size, steps=args.pipeline_steps, guidance=3.5,
-                             seed=args.seed, output="tensor")
+        def image(pipe=pipe) -> Tensor:
+            return pipe.generate("a photo of a cat", height=size, width=size, steps=args.pipeline_steps,
+                                 guidance=3.5, seed=args.seed, output="tensor")
 
-    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # so the peak is the whole of it
-    seconds, peak = measure(image, device, 1, args.pipeline_images, resident)
-    return PipelineResult(f"{size}x{size}", args.pipeline_steps, seconds, peak)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        size_text = f"{size}x{size}"
+        try:
+            seconds, peak = measure(image, device, 1, args.pipeline_images, 0, absolute=True)
+            results.append(PipelineResult(offload, size_text, args.pipeline_steps, seconds, peak))
+        except torch.OutOfMemoryError as e:
+            results.append(PipelineResult(offload, size_text, args.pipeline_steps, None, None, f"out of memory: {e}"))
+        print(pipeline_row(results[-1]), flush=True)
+    return results
 
 
 # ---- reporting ----
@@ -546,19 +566,27 @@ def model_block(res: ModelResult, env: list[str], tiny: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pipeline_block(res: PipelineResult, env: list[str], tiny: bool) -> str:
-    lines = [f"### {PIPELINE}", ""]
-    if res.seconds is None:
-        lines.append(f"Not run: {res.note}")
-    else:
-        lines.append(
-            f"{res.size}, {res.steps} steps, random weights; CLIP-L and T5-XXL on the CPU, moved to the device only to "
-            "encode. Peak: `max_memory_allocated` over whole images (all weights on the device included)."
-        )
-        if tiny:
-            lines.append("Reduced sizes (`--tiny`): a smoke run of the harness, not the figures of issue 7.")
-        lines += ["", *env, "", "| s/image (median) | peak GB |", "|---|---|",
-                  f"| {res.seconds:.3f} | {_num(res.peak_gb, '.1f')} |"]
+PIPELINE_HEADER = "| offload | s/image (median) | peak GB | note |\n|---|---|---|---|"
+
+
+def pipeline_row(res: PipelineResult) -> str:
+    return f"| {res.offload or 'none'} | {_num(res.seconds, '.3f')} | {_num(res.peak_gb, '.1f')} | {res.note} |"
+
+
+def pipeline_block(results: list[PipelineResult], env: list[str], tiny: bool) -> str:
+    first = results[0]
+    lines = [
+        f"### {PIPELINE}", "",
+        (f"{first.size}, {first.steps} steps, random weights (CLIP-L, T5-XXL, transformer, autoencoder), batch 1. "
+        "`offload` (sampling/offload.py): `encoders`: the text encoders live on the CPU and are copied whole to "
+        "the device to encode; `stream-encoders`: copied one block at a time; `model`: every part lives on the "
+        "CPU and is copied whole for its phase; `none`: all on the device. Peak: `max_memory_allocated` over "
+        "whole images, weights included. The goal (<= 26 GB) is for the FLUX pipeline with its text encoders "
+        "moved off the device after encoding."),
+    ]
+    if tiny:
+        lines.append("Reduced sizes (`--tiny`): a smoke run of the harness, not the figures of issue 7.")
+    lines += ["", *env, "", PIPELINE_HEADER, *map(pipeline_row, results)]
     return "\n".join(lines) + "\n"
 
 
@@ -644,6 +672,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pipeline", action="store_true", help="also time the full FLUX-dev pipeline")
     ap.add_argument("--pipeline-steps", type=int, default=28)
     ap.add_argument("--pipeline-images", type=int, default=3, help="timed images after one warm-up image")
+    ap.add_argument("--offload", nargs="+", default=["stream-encoders", "encoders", "model"],
+                    choices=["none", "encoders", "stream-encoders", "model", "stream"],
+                    help="the pipeline's offload modes to time (sampling/offload.py)")
     ap.add_argument("--no-graph-breaks", dest="graph_breaks", action="store_false",
                     help="skip the torch._dynamo.explain check")
     ap.add_argument("--cost", action="store_true",
@@ -660,7 +691,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @dataclass
 class Results:
     models: list[ModelResult] = field(default_factory=list)
-    pipeline: PipelineResult | None = None
+    pipeline: list[PipelineResult] = field(default_factory=list)
     cost: list[CostResult] = field(default_factory=list)
 
 
@@ -687,10 +718,7 @@ def main(argv: list[str] | None = None) -> Results:
         blocks[name] = model_block(res, environment(device, command), args.tiny)
         print("\n".join(model_notes(res)), flush=True)
     if args.pipeline and not args.cost:
-        try:
-            out.pipeline = bench_pipeline(args, device, dtype)
-        except (ImportError, torch.OutOfMemoryError) as e:  # the pipeline's modules missing, or it does not fit
-            out.pipeline = PipelineResult("1024x1024", args.pipeline_steps, None, None, f"{type(e).__name__}: {e}")
+        out.pipeline = bench_pipeline(args, device, dtype)
         blocks[PIPELINE] = pipeline_block(out.pipeline, environment(device, command), args.tiny)
         print(blocks[PIPELINE])
     if str(args.out) != "-":

@@ -79,9 +79,9 @@ class SelfAttention(nn.Module):
         if has_position_bias:
             self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.num_heads)
 
-    def position_bias(self, length: int) -> Tensor:
+    def position_bias(self, length: int, device: torch.device) -> Tensor:
         """The additive logit bias, (1, H, L, L); only block 0 has the weights."""
-        pos = torch.arange(length, device=self.relative_attention_bias.weight.device)
+        pos = torch.arange(length, device=device)
         buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.num_buckets, self.cfg.max_distance)
         return rearrange(self.relative_attention_bias(buckets), "lq lk h -> 1 h lq lk")
 
@@ -132,9 +132,12 @@ class Block(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList([AttentionLayer(cfg, has_position_bias), FeedForwardLayer(cfg)])
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(x, bias) -> (x, bias); the first block, which holds the bias table, makes the bias (bias None)."""
+        if bias is None:
+            bias = self.layer[0].SelfAttention.position_bias(x.shape[1], x.device)  # (1, H, L, L)
         x = x + self.layer[0](x, bias).float()  # (B, L, D), fp32 residual stream
-        return x + self.layer[1](x).float()
+        return x + self.layer[1](x).float(), bias
 
 
 class Stack(nn.Module):
@@ -156,7 +159,7 @@ class T5Encoder(WeightsModule):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         x = self.shared(input_ids).float()  # (B, L, D)
-        bias = self.encoder.block[0].layer[0].SelfAttention.position_bias(input_ids.shape[1])  # (1, H, L, L)
+        bias = None
         for block in self.encoder.block:
-            x = block(x, bias)
+            x, bias = block(x, bias)
         return self.encoder.final_layer_norm(x).to(self.dtype)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from training.cli import add_train_parser
 
+from .offload import OFFLOAD
 from .probe import add_probe
 
 # The tiny FLUX-architecture model trained on colored-shape scenes, shipped with the repo (assets/tiny-flux)
@@ -83,7 +84,10 @@ def add_sample(sub) -> None:
     p.add_argument("-o", "--output", default="out.png", type=Path)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--offload-encoders", action="store_true", help="text encoders on the GPU only while encoding")
+    p.add_argument("--offload", choices=[m for m in OFFLOAD if m],
+                   help="parts kept on the CPU, on the GPU only while they run: the text encoders (whole, or "
+                        "streamed block by block), every part (model), or every part streamed (least memory)")
+    p.add_argument("--offload-encoders", action="store_true", help="the same as --offload encoders")
     p.set_defaults(func=sample)
 
 
@@ -100,7 +104,7 @@ def sample(args: argparse.Namespace) -> int:
     model = args.model or default_model()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
-    pipe = load_pipeline(model, device=device, dtype=dtype, offload_encoders=args.offload_encoders)
+    pipe = load_pipeline(model, device=device, dtype=dtype, offload=args.offload, offload_encoders=args.offload_encoders)
     for file in args.lora:
         convert.load_lora(pipe.transformer, file, scale=args.lora_scale)
     steps = pipe.defaults.steps if args.steps is None else args.steps

@@ -36,6 +36,7 @@ from convert.files import Checkpoint, CheckpointError
 from mmdit.pixel_codec import is_pixel_codec, load_pixel_codec
 from mmdit.tokenizer import CLIPTokenizer
 
+from .offload import check_offload
 from .pipeline import PIPELINES, Defaults, Pipeline
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     *,
+    offload: str | None = None,
     offload_encoders: bool = False,
     max_sequence_length: int | None = None,
     revision: str | None = None,
@@ -153,7 +155,9 @@ def load_pipeline(
     """Load a FLUX or SD3 pipeline from a folder, a single file or a hub repo id (see the module docstring).
 
     dtype: every part's (default: each file's own; float8 is upcast to bfloat16).
-    offload_encoders: keep the text encoders on the CPU, on `device` only while encoding.
+    offload: which parts stay on the CPU and come to `device` only while they run: None, "encoders",
+        "stream-encoders", "model" or "stream" (sampling/offload.py). `offload_encoders=True` is
+        `offload="encoders"`.
     max_sequence_length: T5 tokens (default FLUX 512, SD3 256, as Diffusers).
     """
     from .hub import resolve
@@ -163,7 +167,9 @@ def load_pipeline(
     if unknown:
         raise TypeError(f"load_pipeline: unknown part(s) {sorted(unknown)}; parts are {sorted(allowed)}")
     path, name = resolve(str(source), revision)
-    transformer = convert.load_transformer(path, device=device, dtype=dtype)
+    offload = check_offload(offload or ("encoders" if offload_encoders else None))
+    everything = offload in ("model", "stream")
+    transformer = convert.load_transformer(path, device="cpu" if everything else device, dtype=dtype)
     family = transformer.family
     parts = find_parts(path, family, given)
     absent = absent_on_purpose(path)
@@ -172,7 +178,7 @@ def load_pipeline(
         role = k.removesuffix("_tokenizer")
         if p is None and (family, role) not in OPTIONAL and role not in dropped:
             raise _missing(k, path)
-    enc_device = "cpu" if offload_encoders else device
+    enc_device = "cpu" if offload else device
     encoders, tokenizers = {}, {}
     for role in ROLES[family]:
         enc, tok = parts[role], parts[f"{role}_tokenizer"]
@@ -183,13 +189,13 @@ def load_pipeline(
             continue
         encoders[role] = convert.load_text_encoder(enc.path, device=enc_device, dtype=dtype, prefix=enc.prefix)
         tokenizers[role] = _tokenizer(tok, role, family, max_sequence_length)
-    vae = parts["vae"].path
+    vae, ae_device = parts["vae"].path, "cpu" if everything else device
     if is_pixel_codec(vae):
-        ae = load_pixel_codec(vae, device=device, dtype=dtype)
+        ae = load_pixel_codec(vae, device=ae_device, dtype=dtype)
     else:
-        ae = convert.load_autoencoder(vae, family=family, device=device, dtype=dtype)
+        ae = convert.load_autoencoder(vae, family=family, device=ae_device, dtype=dtype)
     kwargs = {"max_sequence_length": max_sequence_length or T5_LENGTH["sd3"]} if family == "sd3" else {}
     own_defaults = model_index(path).get("sampling_defaults")
     if own_defaults is not None:
         kwargs["defaults"] = Defaults(**own_defaults)
-    return PIPELINES[family](transformer, ae, encoders, tokenizers, name=name, offload_encoders=offload_encoders, **kwargs)
+    return PIPELINES[family](transformer, ae, encoders, tokenizers, name=name, offload=offload, device=device, **kwargs)

@@ -17,15 +17,18 @@ steps whatever the model's dtype.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .offload import check_offload, on_device, pin
 from .sampler import Conditioning, euler, guided_velocity
 from .schedules import flux_sigmas, given_sigmas, sd3_sigmas
 from .taca import TemperatureSpec
+
 
 @dataclass(frozen=True)
 class Defaults:
@@ -91,30 +94,47 @@ class Pipeline:
         encoders: dict[str, nn.Module | None],
         tokenizers: dict[str, object | None],
         name: str = "",
-        offload_encoders: bool = False,
+        offload: str | None = None,
+        device: str | torch.device | None = None,
         defaults: Defaults | None = None,
+        offload_encoders: bool = False,
     ):
+        """offload: where the weights live and when they come to `device` (sampling/offload.py):
+            None, "encoders", "stream-encoders", "model" or "stream"; the parts it offloads stay where
+            they are given (the CPU), pinned when `device` is CUDA. `offload_encoders=True` is
+            `offload="encoders"`.
+        device: where the pipeline computes (default: the transformer's).
+        """
         self.transformer, self.autoencoder = transformer, autoencoder
         self.encoders, self.tokenizers = encoders, tokenizers
         self.name = name  # where it was loaded from (repo id or path)
         self.variant = variant_of(transformer, name)
         self.defaults = defaults or defaults_for(self.variant)  # the model folder's own, else the family's
-        self.offload_encoders = offload_encoders
+        self.offload = check_offload(offload or ("encoders" if offload_encoders else None))
+        self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
+        if self.offload and self.device.type == "cuda":
+            for part in self._offloaded():
+                pin(part)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+    def _offloaded(self) -> list[nn.Module]:
+        """The parts that live off the device: none, the text encoders, or every part."""
+        if self.offload is None:
+            return []
+        parts = [e for e in self.encoders.values() if e is not None]
+        return parts + [self.transformer, self.autoencoder] if self.offload in ("model", "stream") else parts
+
+    def _running(self, part: nn.Module):
+        """The context in which `part` runs on the pipeline's device under its offload mode."""
+        if not any(part is p for p in self._offloaded()):
+            return nullcontext(part)
+        return on_device(part, self.device, stream=self.offload.startswith("stream"))
 
     def _encode(self, role: str, prompts: list[str], **kwargs):
-        """Tokenize and run the encoder of `role` on the pipeline's device (sent back to CPU after if offloading)."""
+        """Tokenize and run the encoder of `role` on the pipeline's device."""
         enc, tok = self.encoders[role], self.tokenizers[role]
-        if self.offload_encoders:
-            enc.to(self.device)
         ids = tok(prompts).to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self._running(enc):
             out = enc(ids, **kwargs)
-        if self.offload_encoders:
-            enc.to("cpu")
         return out, ids
 
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
@@ -182,10 +202,12 @@ class Pipeline:
         negative, cfg, distilled = self._guidance(prompts, guidance, negative_prompt, true_cfg)
         velocity = guided_velocity(self.transformer, cond, negative, cfg, distilled, temperature, gate_lora)
         schedule = given_sigmas(sigmas) if sigmas is not None else self.sigmas(steps, h, w)
-        latents = euler(velocity, noise.to(self.device, torch.float32), schedule.to(self.device), progress)
+        with self._running(self.transformer):
+            latents = euler(velocity, noise.to(self.device, torch.float32), schedule.to(self.device), progress)
         if output == "latent":
             return latents
-        images = (ae.decode(latents.to(ae.dtype), tile=decode_tile).float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+        with self._running(ae):
+            images = (ae.decode(latents.to(ae.dtype), tile=decode_tile).float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
         return images if output == "tensor" else to_pil(images)
 
 

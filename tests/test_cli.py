@@ -44,7 +44,7 @@ def test_sample_sd3_defaults_and_negative(tmp_path):
     _, folder = built("sd3")
     out = tmp_path / "dog.png"
     assert main(["sample", PROMPT, "--model", str(folder), "--steps", "2", "--size", "64x48", "--seed", "11",
-                 "--negative", "blurry", "-o", str(out), "--device", "cpu"]) == 0
+                 "--negative", "blurry", "-o", str(out), "--device", "cpu", "--offload", "stream"]) == 0
     image = Image.open(out)
     assert image.text["guidance"] == "4.5" and image.text["variant"] == "sd3.5-medium-like (custom size)"
     assert image.text["negative"] == "blurry" and image.text["taca"] == "off"

@@ -65,6 +65,12 @@ def test_flux_prompt_embeddings(flux):
     offloading = load_pipeline(flux[1], max_sequence_length=T5_LEN, offload_encoders=True)
     assert all(torch.equal(a, b) for a, b in zip(offloading.encode_prompt(PROMPTS), (context, pooled)))
     assert {p.device.type for e in offloading.encoders.values() for p in e.parameters()} == {"cpu"}
+    # every part stays on the CPU and runs on the device (meta here: shapes only) block by block
+    streaming = load_pipeline(flux[1], device="meta", max_sequence_length=T5_LEN, offload="stream")
+    parts = [streaming.transformer, streaming.autoencoder, *streaming.encoders.values()]
+    assert {p.device.type for m in parts for p in m.parameters()} == {"cpu"}
+    images = streaming.generate(PROMPTS, height=32, width=48, steps=1, output="tensor")
+    assert images.device.type == "meta" and images.shape == (2, 3, 32, 48)
 
 
 def test_flux_images(flux):
