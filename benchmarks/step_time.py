@@ -18,7 +18,8 @@ in bf16 FLUX differs more, as Diffusers (like BFL) rounds 1000 t and 1000 guidan
 Variants: ours plain and with TACA (`temperature=1.2`, the split-SDPA path of mmdit/attention.py);
 Diffusers plain; in eager mode also Diffusers with TACA the paper's unfused way (explicit logits,
 `F.scaled_dot_product_attention` swapped for `softmax(T * q k^T / sqrt(d)) v` during its calls).
-`--compile` adds `torch.compile(model)` of each (not the explicit-logits one), compile warm-up excluded.
+`--compile` adds `torch.compile(model)` of each (not the explicit-logits one), compile warm-up excluded;
+`--compile-mode` picks torch.compile's mode for both (e.g. `max-autotune`: longer warm-up).
 
 Timing: `torch.cuda.synchronize()` (a no-op on CPU) and `time.perf_counter` around each step, median
 of `--steps` after `--warmup`. Peak memory (CUDA only): the model's own weights plus the peak of what
@@ -361,7 +362,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
     result = ModelResult(name, dtype, shape, [], taca_effect=rel_err(reference[taca], reference["-"]))
     modes = ["eager", "compiled"] if args.compile else ["eager"]
     for mode in modes:
-        compiled = {id(m): torch.compile(m) for m in (ours, ref)} if mode == "compiled" else {}
+        compiled = {id(m): torch.compile(m, mode=args.compile_mode) for m in (ours, ref)} if mode == "compiled" else {}
         for (impl, column), (module, make) in variants.items():
             if mode == "compiled" and column == explicit:
                 continue
@@ -426,6 +427,7 @@ class PipelineResult:
     steps: int
     seconds: float | None  # per image
     peak_gb: float | None
+    rel_err: float | None = None  # the image against the first mode's: offloading must not change it
     note: str = ""
 
 
@@ -455,7 +457,7 @@ def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
     t5_length = (TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS)["flux"]
     tokenizers = {"clip_l": RandomTokens(clip_cfg.vocab_size, clip_cfg.max_positions, args.seed),
                   "t5": RandomTokens(t5_cfg.vocab_size, t5_length, args.seed)}
-    results = []
+    results, images = [], {}
     for mode in args.offload:
         offload = None if mode == "none" else mode
         home = "cpu" if offload in ("model", "stream") else device  # where the transformer and VAE live
@@ -464,9 +466,10 @@ def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         pipe = FluxPipeline(transformer.to(home), autoencoder.to(home), parts, tokenizers, name="random weights",
                             offload=offload, device=device)
 
-        def image(pipe=pipe) -> Tensor:
-            return pipe.generate("a photo of a cat", height=size, width=size, steps=args.pipeline_steps,
-                                 guidance=3.5, seed=args.seed, output="tensor")
+        def image(pipe=pipe, mode=mode) -> Tensor:
+            images[mode] = pipe.generate("a photo of a cat", height=size, width=size, steps=args.pipeline_steps,
+                                         guidance=3.5, seed=args.seed, output="tensor")
+            return images[mode]
 
         gc.collect()
         if device.type == "cuda":
@@ -474,7 +477,8 @@ def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         size_text = f"{size}x{size}"
         try:
             seconds, peak = measure(image, device, 1, args.pipeline_images, 0, absolute=True)
-            results.append(PipelineResult(offload, size_text, args.pipeline_steps, seconds, peak))
+            err = rel_err(images[mode], images[args.offload[0]]) if mode != args.offload[0] else None
+            results.append(PipelineResult(offload, size_text, args.pipeline_steps, seconds, peak, err))
         except torch.OutOfMemoryError as e:
             results.append(PipelineResult(offload, size_text, args.pipeline_steps, None, None, f"out of memory: {e}"))
         print(pipeline_row(results[-1]), flush=True)
@@ -566,11 +570,12 @@ def model_block(res: ModelResult, env: list[str], tiny: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-PIPELINE_HEADER = "| offload | s/image (median) | peak GB | note |\n|---|---|---|---|"
+PIPELINE_HEADER = "| offload | s/image (median) | peak GB | rel err vs first row | note |\n|---|---|---|---|---|"
 
 
 def pipeline_row(res: PipelineResult) -> str:
-    return f"| {res.offload or 'none'} | {_num(res.seconds, '.3f')} | {_num(res.peak_gb, '.1f')} | {res.note} |"
+    return (f"| {res.offload or 'none'} | {_num(res.seconds, '.3f')} | {_num(res.peak_gb, '.1f')} | "
+            f"{_num(res.rel_err, '.1e')} | {res.note} |")
 
 
 def pipeline_block(results: list[PipelineResult], env: list[str], tiny: bool) -> str:
@@ -663,6 +668,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {' '.join(MODELS)} (or 'none')")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    ap.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="torch.compile's mode for both implementations (default: its default)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens in them)")
     ap.add_argument("--batch", type=int, default=1)

@@ -44,6 +44,7 @@ def test_tiny_harness_on_cpu(tmp_path):
                 assert r.rel_err is None  # Diffusers eager is the reference
     assert [r.offload for r in report.pipeline] == ["stream-encoders", "encoders", "model"]
     assert all(r.seconds > 0 and r.steps == 2 and r.peak_gb is None for r in report.pipeline)  # no peak off CUDA
+    assert [r.rel_err for r in report.pipeline] == [None, 0.0, 0.0]  # offloading changes nothing
 
     text = out.read_text()
     assert text.startswith(f"# Benchmark results\n\n{LOADING}")  # the other section is kept as it was
