@@ -654,7 +654,7 @@ def write_section(path: Path, blocks: dict[str, str]) -> None:
     kept.update(blocks)
     order = [*MODELS, PIPELINE, COST]
     titles = sorted(kept, key=lambda t: (order.index(t) if t in order else len(order), t))
-    text = "\n".join([INTRO, *(kept[t] for t in titles)])
+    text = "\n".join([INTRO, *(kept[t] for t in titles)]) + "\n"  # a blank line before the next section
     new = pattern.sub(lambda _: text, old) if found else old.rstrip("\n") + "\n\n" + text
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(new)

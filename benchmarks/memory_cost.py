@@ -1,0 +1,272 @@
+"""Peak GPU memory of the FLUX.1-dev pipeline for each offload mode, computed on the meta device (issue 7).
+
+    python -m benchmarks.memory_cost            # full size (1024x1024, bf16): seconds on a CPU, no GPU
+    python -m benchmarks.memory_cost --tiny --out -
+
+Computed, not measured. Every part is built at full size on the meta device (shapes only, no memory):
+the transformer, T5-XXL, CLIP-L and the autoencoder, random weights in bf16, batch 1. For each part:
+- weights: the bytes of its parameters and buffers;
+- activation peak of its phase (`live_bytes_peak`): T5 on 512 tokens, CLIP-L on 77, one transformer
+  step (4096 image + 512 text tokens, guidance), the decode of one 128x128x16 latent (default: whole, not
+  tiled) with the pipeline's float/clamp. It is the most bytes alive at once among the tensors that the
+  phase's ops create, tracked op by op under a `TorchDispatchMode`: a new output adds its storage's
+  bytes, and a `weakref.finalize` on it takes them off when the last tensor holding that storage dies.
+  Views, in-place ops and ops returning an input share a storage and add nothing; tensors that existed
+  before the call (weights, inputs) count 0. That is CUDA's `max_memory_allocated` during the phase minus
+  what was allocated before it, up to the caching allocator's rounding (512-byte blocks), library
+  workspaces (cuBLAS, cuDNN) and the CUDA context, which are not counted;
+- streamed: what sampling/offload.py's `streamed` keeps on the device while the part runs: the weights
+  outside the repeated blocks (for the whole call) + the largest block (one at a time).
+
+`F.scaled_dot_product_attention` and `F.rms_norm` count as the fused CUDA kernels (flash attention:
+a q-sized output, no L x L matrix; `_fused_rms_norm`: an x-sized output), as in benchmarks/step_cost.py;
+their meta decompositions would allocate the logits and fp32 intermediates. The pipeline peak of an offload
+mode (sampling/offload.py) is then the weights on the device during a phase + that phase's activation
+peak, the largest over the phases. Ignored: what crosses phases (prompt embeddings, latents: a few MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .step_cost import StepCost, _fused_ops_counted
+from .step_time import (
+    LATENT,
+    ROOT,
+    SECTION,
+    TEXT_TOKENS,
+    TINY_LATENT,
+    TINY_TEXT_TOKENS,
+    Inputs,
+    build_ours,
+    default_dtype,
+    environment,
+    make_inputs,
+    model_params,
+    ours_step,
+    tensor_bytes,
+    write_section,
+)
+
+TITLE = "FLUX.1-dev pipeline memory (computed, meta device)"
+GOAL_GB = 26.0
+MODES = (None, "encoders", "stream-encoders", "model", "stream")
+ENCODERS = ("t5", "clip_l")
+GB, GIB = 1e9, 2**30
+
+
+# ---- live bytes of one call ----
+
+
+@dataclass
+class MemoryPeak:
+    peak_bytes: int  # the most bytes alive at once, of tensors created during the call
+    end_bytes: int  # still alive when the call returns (its outputs, and what it kept)
+
+
+def _storage(t: Tensor) -> tuple[int, int]:
+    """(an id of the storage while it lives, its bytes)."""
+    s = t.untyped_storage()
+    return s._cdata, s.nbytes()
+
+
+class _LiveBytes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.holders: dict[int, list[int]] = {}  # storage id -> [bytes, tracked tensors holding it]
+
+    def _hold(self, t: Tensor, key: int) -> None:
+        self.holders[key][1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.holders[key]
+        entry[1] -= 1
+        if entry[1] == 0:  # the storage's last tracked tensor is gone: CUDA would free it here
+            self.live -= entry[0]
+            del self.holders[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage(t)[0] for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, Tensor):
+                continue
+            key, nbytes = _storage(t)
+            if key in self.holders:  # a view of, or the very tensor of, something made in the call
+                self._hold(t, key)
+            elif key not in inputs:  # new storage (an input's storage is older than the call: counts 0)
+                self.holders[key] = [nbytes, 0]
+                self._hold(t, key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+        return out
+
+
+@torch.no_grad()
+def live_bytes_peak(fn: Callable[[], object]) -> MemoryPeak:
+    """Run `fn()` and track the bytes of the tensors its ops create (SDPA and F.rms_norm as fused kernels)."""
+    mode = _LiveBytes()
+    with _fused_ops_counted(StepCost()), mode:  # the fused stand-ins allocate their outputs only
+        out = fn()
+    end = mode.live
+    del out
+    return MemoryPeak(mode.peak, end)
+
+
+# ---- the parts of the pipeline and their phases ----
+
+
+def block_stream_bytes(module: nn.Module) -> int:
+    """What sampling/offload.py's `streamed` keeps on the device: the weights outside the repeated blocks
+    (borrowed for the whole call) + the largest block (one at a time)."""
+    from sampling.offload import blocks_of
+
+    blocks = [tensor_bytes(b) for b in blocks_of(module)]
+    return tensor_bytes(module) - sum(blocks) + max(blocks, default=0)
+
+
+@dataclass
+class Part:
+    name: str
+    phase: str
+    weights: int
+    activations: MemoryPeak
+    streamed: int  # outside-block weights + largest block
+    module: nn.Module = field(repr=False)  # on the meta device
+
+
+def pipeline_parts(tiny: bool) -> list[Part]:
+    """T5, CLIP-L, the transformer and the autoencoder of FLUX.1-dev on the meta device, bf16, batch 1."""
+    from mmdit.autoencoder import AutoEncoder
+    from mmdit.autoencoder import preset as ae_preset
+    from mmdit.clip import CLIP_PRESETS, CLIPTextEncoder
+    from mmdit.t5 import T5_PRESETS, T5Encoder
+
+    meta, dtype = torch.device("meta"), torch.bfloat16
+    params = model_params("flux-dev", tiny)
+    t5_cfg, clip_cfg, ae_params = T5_PRESETS["t5-v1.1-xxl"], CLIP_PRESETS["clip-l"], ae_preset("flux")
+    latent, n_txt = (TINY_LATENT, TINY_TEXT_TOKENS["flux"]) if tiny else (LATENT, TEXT_TOKENS["flux"])
+    if tiny:  # as step_time's tiny pipeline
+        t5_cfg = replace(
+            t5_cfg, vocab_size=128, d_model=params.context_in_dim, num_heads=2, d_kv=32, d_ff=256, num_layers=1
+        )
+        clip_cfg = replace(clip_cfg, vocab_size=128, width=params.vec_in_dim, layers=1, heads=2, mlp_dim=256)
+        ae_params = replace(ae_params, ch=32, num_res_blocks=1)
+    transformer = build_ours(params, meta, dtype)
+    with meta, default_dtype(dtype):
+        t5, clip, ae = T5Encoder(t5_cfg).eval(), CLIPTextEncoder(clip_cfg).eval(), AutoEncoder(ae_params).eval()
+        t5_ids = torch.zeros(1, n_txt, dtype=torch.long)
+        clip_ids = torch.zeros(1, clip_cfg.max_positions, dtype=torch.long)
+        z = torch.empty(1, ae_params.z_channels, latent, latent, dtype=torch.float32)  # the sampler's fp32 latents
+    cpu_inputs = make_inputs(params, latent, n_txt, torch.device("cpu"), dtype)
+    inp = Inputs(**{k: None if t is None else t.to(meta) for k, t in vars(cpu_inputs).items()})
+    phases: list[tuple[str, str, nn.Module, Callable[[], object]]] = [
+        ("t5", f"T5-XXL encode ({n_txt} tokens)", t5, lambda: t5(t5_ids)),
+        ("clip_l", f"CLIP-L encode ({clip_cfg.max_positions} tokens)", clip, lambda: clip(clip_ids)),
+        ("transformer", f"one step ({(latent // 2) ** 2} image + {n_txt} text tokens)", transformer,
+         ours_step(transformer, inp)),
+        ("autoencoder", f"decode ({latent}x{latent}x{ae_params.z_channels} latent, whole)", ae,
+         lambda: (ae.decode(z.to(ae.dtype)).float() / 2 + 0.5).clamp(0, 1)),  # as FluxPipeline.generate
+    ]
+    return [Part(name, phase, tensor_bytes(m), live_bytes_peak(run), block_stream_bytes(m), m)
+            for name, phase, m, run in phases]
+
+
+# ---- offload modes ----
+
+
+def mode_peak(parts: list[Part], mode: str | None) -> int:
+    """The computed peak of `mode`: the largest over phases of the weights on the device + the phase's activations."""
+    def on_device(p: Part, running: Part) -> int:
+        """The bytes of `p`'s weights on the device while `running`'s phase runs."""
+        offloaded = mode in ("model", "stream") or (mode in ("encoders", "stream-encoders") and p.name in ENCODERS)
+        if not offloaded:
+            return p.weights  # resident the whole time
+        if p is not running:
+            return 0
+        return p.streamed if mode.startswith("stream") else p.weights
+
+    return max(sum(on_device(p, running) for p in parts) + running.activations.peak_bytes for running in parts)
+
+
+# ---- reporting ----
+
+
+def parts_table(parts: list[Part]) -> str:
+    lines = ["| part | phase | weights GB | activation peak GB | streamed GB (outside blocks + largest block) |",
+             "|---|---|---|---|---|"]
+    for p in parts:
+        lines.append(f"| {p.name} | {p.phase} | {p.weights / GB:.3f} | {p.activations.peak_bytes / GB:.3f} "
+                     f"| {p.streamed / GB:.3f} |")
+    total = sum(p.weights for p in parts)
+    lines.append(f"| all | - | {total / GB:.3f} | {max(p.activations.peak_bytes for p in parts) / GB:.3f} (max) | - |")
+    return "\n".join(lines)
+
+
+def modes_table(parts: list[Part], goal_gb: float = GOAL_GB) -> str:
+    lines = [f"| offload | computed peak GB | GiB | <= {goal_gb:g} GB |", "|---|---|---|---|"]
+    for mode in MODES:
+        peak = mode_peak(parts, mode)
+        lines.append(f"| {mode or 'none'} | {peak / GB:.2f} | {peak / GIB:.2f} | {'yes' if peak <= goal_gb * GB else 'no'} |")
+    return "\n".join(lines)
+
+
+METHOD = (
+    "Computed, not measured (`python -m benchmarks.memory_cost`, benchmarks/memory_cost.py; no GPU): every part of "
+    "FLUX.1-dev at full size on the meta device (shapes only), random bf16 weights, 1024x1024, batch 1. Weights: "
+    "parameters + buffers. Activation peak: the most bytes alive at once among the tensors a phase's ops create "
+    "(SDPA and `F.rms_norm` as CUDA's fused kernels), i.e. `max_memory_allocated` minus what was allocated before, "
+    "without allocator rounding, library workspaces (cuBLAS, cuDNN) and the CUDA context. Streamed: the "
+    "weights outside the repeated blocks + the largest block, what a part streamed by sampling/offload.py keeps "
+    "on the device."
+)
+MODES_NOTE = (
+    "Offload modes (sampling/offload.py): `none`: all weights resident; `encoders`: the text encoders copied whole "
+    "to the device for their phase; `stream-encoders`: streamed block by block; `model`: every part copied whole "
+    "for its phase; `stream`: every part streamed. Peak: the largest over phases of the weights on the device + "
+    "that phase's activation peak. 1 GB = 1e9 bytes."
+)
+
+
+def block(parts: list[Part], env: list[str], tiny: bool) -> str:
+    lines = [
+        f"### {TITLE}", "",
+        METHOD,
+        "",
+        MODES_NOTE,
+    ]
+    if tiny:
+        lines += ["", "Reduced sizes (`--tiny`): a smoke run, not the figures of issue 7."]
+    lines += ["", *env, "", parts_table(parts), "", modes_table(parts)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[Part]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="reduced sizes (as step_time's tiny configs)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="'-' to write nothing")
+    args = ap.parse_args(argv)
+    command = " ".join(["python -m benchmarks.memory_cost", *(sys.argv[1:] if argv is None else argv)])
+    parts = pipeline_parts(args.tiny)
+    text = block(parts, environment(torch.device("meta"), command), args.tiny)
+    print(text)
+    if str(args.out) != "-":
+        write_section(args.out, {TITLE: text})
+        print(f"wrote the block {TITLE!r} of the section {SECTION!r} of {args.out}")
+    return parts
+
+
+if __name__ == "__main__":
+    main()
