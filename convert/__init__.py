@@ -11,6 +11,7 @@ _LAZY = {
     "load_tokenizer": "tokenizer",
     "load_autoencoder": "autoencoder",
     "load_lora": "lora",
+    "load_text_encoder_lora": "lora",
     "save_lora": "lora",
 }
 

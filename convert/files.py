@@ -96,7 +96,7 @@ class Checkpoint(Mapping):
                 self._scales[k[: -len("scale_weight")] + "weight"] = entry
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+    def open(cls, path: str | os.PathLike) -> Checkpoint:
         """A `.safetensors` file, a sharded `*.safetensors.index.json`, or a folder holding either."""
         path = Path(path)
         if path.is_dir():
@@ -152,13 +152,13 @@ class Checkpoint(Mapping):
             return w.to(device=device, dtype=dtype or torch.bfloat16)
         return _read(self._entries[key], dtype, device)
 
-    def with_prefix(self, prefix: str) -> "Checkpoint":
+    def with_prefix(self, prefix: str) -> Checkpoint:
         """The keys under `prefix`, with the prefix removed (a view, nothing is read)."""
         entries = {k[len(prefix):]: v for k, v in self._entries.items() if k.startswith(prefix)}
         scales = {k[len(prefix):]: v for k, v in self._scales.items() if k.startswith(prefix)}
         return Checkpoint(self.files, _entries=entries, metadata=self.metadata, _scales=scales)
 
-    def without_prefixes(self, prefixes: Iterable[str]) -> "Checkpoint":
+    def without_prefixes(self, prefixes: Iterable[str]) -> Checkpoint:
         """All keys except those under any of `prefixes` (e.g. bundled encoders)."""
         prefixes = tuple(prefixes)
         entries = {k: v for k, v in self._entries.items() if not k.startswith(prefixes)}

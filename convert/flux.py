@@ -7,7 +7,6 @@ single block's `linear1` into `to_q/to_k/to_v/proj_mlp`) and stores the final ad
 
 from __future__ import annotations
 
-
 from mmdit.flux import PRESETS, FluxParams
 
 from .files import CheckpointError

@@ -24,6 +24,7 @@ from . import sd3 as sd3_fmt
 from .files import FLOAT8, Checkpoint, CheckpointError, load_state_dict_strict
 from .mapping import KeyMap
 
+
 @dataclass(frozen=True)
 class Family:
     """How to recognize one family's layouts and read its config (the native layout's keys are ours)."""

@@ -4,6 +4,8 @@
 slice of one of our Linears, stacks the slices that land on one Linear into one adapter (A
 concatenated, B block-diagonal: exact), and adds it to the model in place (mmdit/lora.py). A file
 for another base model is refused: the message names the first key or shape that does not fit.
+`load_text_encoder_lora` does the same for the text-encoder part of a file, one encoder (role
+`clip_l`, `clip_g` or `t5`) at a time; `sampling.load_pipeline_lora` loads every part of a file.
 
 `save_lora` writes `transformer.<Diffusers path>.lora_A/lora_B.weight`: an adapter on a fused
 `qkv` becomes `to_q`, `to_k`, `to_v` with A copied and B split by rows (exact). The header holds
@@ -25,7 +27,15 @@ from torch import nn
 from mmdit.lora import adapter_names, adapters, wrap_linear
 
 from .files import Checkpoint, CheckpointError, save_safetensors_atomic
-from .lora_formats import Piece, Target, diffusers_targets, read_pieces
+from .lora_formats import (
+    ENCODER_ROLES,
+    Piece,
+    Target,
+    diffusers_targets,
+    lora_part,
+    read_pieces,
+    text_encoder_pieces,
+)
 from .mapping import KeyMap, swap_halves
 
 
@@ -44,10 +54,10 @@ def diffusers_keymap(model: nn.Module) -> KeyMap:
 
 
 def _describe(model: nn.Module) -> str:
-    return f"this {getattr(model, 'variant', None) or model.family} model"
+    return f"this {getattr(model, 'variant', None) or getattr(model, 'family', None) or type(model).__name__} model"
 
 
-def _check(model: nn.Module, p: Piece, source: str) -> tuple[int, int]:
+def _check(model: nn.Module, p: Piece, source: str, what: str) -> tuple[int, int]:
     """The rows (offset, length) the piece covers; a clear error if its shapes do not fit the Linear."""
     m = model.get_submodule(p.target.module)
     (r, n_in), (n_out, r_up) = p.down.shape, p.up.shape
@@ -55,15 +65,15 @@ def _check(model: nn.Module, p: Piece, source: str) -> tuple[int, int]:
     if r != r_up or n_in != m.in_features or n_out != length:
         raise CheckpointError(
             f"{source}: LoRA {p.source!r} has down {list(p.down.shape)} and up {list(p.up.shape)}, but "
-            f"{p.target.module} of {_describe(model)} takes {m.in_features} inputs and needs {length} output rows"
+            f"{p.target.module} of {what} takes {m.in_features} inputs and needs {length} output rows"
             " (a LoRA for another base model?)"
         )
     return p.target.offset, n_out
 
 
-def _stack(model: nn.Module, pieces: list[Piece], source: str) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+def _stack(model: nn.Module, pieces: list[Piece], source: str, what: str) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """One Linear's pieces as one LoRA: A (R, in), B (length, R) over rows [offset, offset+length), scale."""
-    rows = [_check(model, p, source) for p in pieces]
+    rows = [_check(model, p, source, what) for p in pieces]
     lo, hi = min(o for o, _ in rows), max(o + n for o, n in rows)
     scale = pieces[0].scale
     A = torch.cat([p.down.float() for p in pieces])  # (R, in)
@@ -76,45 +86,39 @@ def _stack(model: nn.Module, pieces: list[Piece], source: str) -> tuple[torch.Te
     return A, B, scale, lo
 
 
-def load_lora(
-    model: nn.Module, path: str | os.PathLike, scale: float = 1.0, name: str | None = None, strict: bool = True
-) -> str:
-    """Add the LoRA in `path` to `model` (in place) as adapter `name` (default: the file's stem).
-
-    scale: the user strength. strict=False loads a file some of whose keys match nothing in the
-    model, with a warning listing them; by default that is an error. Text-encoder LoRA weights in
-    the file are not applied (a warning says so). Returns the adapter name.
-    """
-    path = Path(path)
+def _open(model: nn.Module, path: Path, name: str | None, family: str, what: str) -> tuple[str, Checkpoint]:
+    """The adapter name (default: the file's stem, free in `model`) and the file, refused if made for another family."""
     name = name or re.sub(r"\W", "_", path.stem)
     if name in adapter_names(model):
         raise ValueError(f"the model already has a LoRA adapter {name!r}: pass another name")
     ckpt = Checkpoint.open(path)
-    source = str(path)
-    family = ckpt.metadata.get("mmdit.family")
-    if family and family != getattr(model, "family", None):
-        raise CheckpointError(f"{source}: a LoRA for a {family} model, not for {_describe(model)}")
-    tensors = {k: ckpt.load(k) for k in ckpt}
-    pieces, unmatched, skipped = read_pieces(tensors, ckpt.metadata, model, diffusers_keymap(model), source)
+    file_family = ckpt.metadata.get("mmdit.family")
+    if file_family and file_family != family:
+        raise CheckpointError(f"{path}: a LoRA for a {file_family} model, not for {what}")
+    return name, ckpt
 
+
+def _add(
+    model: nn.Module, pieces: list[Piece], unmatched: list[str], name: str, scale: float, strict: bool,
+    source: str, what: str, part: str,
+) -> None:
+    """Add the pieces to `model` as adapter `name`, after every check (keys that match nothing: an
+    error, or with strict=False a warning; no pieces at all: an error)."""
     if unmatched and (strict or not pieces):
         raise CheckpointError(
-            f"{source}: {len(unmatched)} LoRA key(s) match no layer of {_describe(model)} "
+            f"{source}: {len(unmatched)} LoRA key(s) match no layer of {what} "
             f"(a LoRA for another base model?), first: {unmatched[0]!r}"
             + ("; pass strict=False to load the rest" if pieces else "; none matches")
         )
     if unmatched:
         warnings.warn(f"{source}: {len(unmatched)} LoRA key(s) match nothing and are not applied: {unmatched}")
-    if skipped:
-        warnings.warn(f"{source}: {len(skipped)} text-encoder LoRA key(s) are not applied (transformer only), "
-                      f"first: {skipped[0]!r}")
     if not pieces:
-        raise CheckpointError(f"{source}: no transformer LoRA weights in the file")
+        raise CheckpointError(f"{source}: no {part} LoRA weights in the file")
 
     by_module: dict[str, list[Piece]] = {}
     for p in pieces:
         by_module.setdefault(p.target.module, []).append(p)
-    stacked = {mod: _stack(model, ps, source) for mod, ps in by_module.items()}  # every check before any change
+    stacked = {mod: _stack(model, ps, source, what) for mod, ps in by_module.items()}  # every check before any change
     for mod, (A, B, s, offset) in stacked.items():
         layer = wrap_linear(model, mod)
         a = layer.add(name, A.shape[0], s * A.shape[0], (offset, B.shape[0]))
@@ -123,7 +127,59 @@ def load_lora(
             a.lora_B.copy_(B)
         a.strength = float(scale)
         a.refresh()
+
+
+def load_lora(
+    model: nn.Module, path: str | os.PathLike, scale: float = 1.0, name: str | None = None, strict: bool = True
+) -> str:
+    """Add the LoRA in `path` to `model` (in place) as adapter `name` (default: the file's stem).
+
+    scale: the user strength. strict=False loads a file some of whose keys match nothing in the
+    model, with a warning listing them; by default that is an error. Text-encoder LoRA weights in
+    the file are not applied here (a warning says so): `load_text_encoder_lora` or
+    `sampling.load_pipeline_lora` load them. Returns the adapter name.
+    """
+    path = Path(path)
+    what = _describe(model)
+    name, ckpt = _open(model, path, name, getattr(model, "family", None), what)
+    tensors = {k: ckpt.load(k) for k in ckpt}
+    pieces, unmatched, skipped = read_pieces(tensors, ckpt.metadata, model, diffusers_keymap(model), str(path))
+    if skipped:
+        warnings.warn(f"{path}: {len(skipped)} text-encoder LoRA key(s) are not applied to the transformer, "
+                      f"first: {skipped[0]!r} (load them with sampling.load_pipeline_lora)")
+    _add(model, pieces, unmatched, name, scale, strict, str(path), what, "transformer")
     return name
+
+
+def load_text_encoder_lora(
+    encoder: nn.Module, path: str | os.PathLike, role: str, family: str,
+    scale: float = 1.0, name: str | None = None, strict: bool = True,
+) -> str:
+    """Add the text-encoder `role` part of the LoRA in `path` to our `encoder` (in place) as adapter `name`.
+
+    role: `clip_l`, `clip_g` or `t5`, as a pipeline holds its encoders; family: `flux` or `sd3`, which
+    the Diffusers layout needs (its `text_encoder_2.` is T5 for FLUX, CLIP-bigG for SD3). Layouts:
+    convert/lora_formats.py (`text_encoder.<HF path>.lora_A.weight`, `lora_te1_<HF path with _>.lora_down.weight`,
+    ...). Keys of the other parts are ignored; scale, name, strict and the return value as `load_lora`.
+    """
+    if role not in ENCODER_ROLES:
+        raise ValueError(f"role {role!r}: expected one of {', '.join(ENCODER_ROLES)}")
+    path = Path(path)
+    what = f"the {role} text encoder"
+    name, ckpt = _open(encoder, path, name, family, what)
+    tensors = {k: ckpt.load(k) for k in ckpt if lora_part(k, family) == role}
+    pieces, unmatched = text_encoder_pieces(tensors, ckpt.metadata, encoder, role, family, str(path))
+    _add(encoder, pieces, unmatched, name, scale, strict, str(path), what, f"{role} text-encoder")
+    return name
+
+
+def lora_parts(path: str | os.PathLike, family: str) -> dict[str | None, list[str]]:
+    """The keys of a LoRA file by the part they are for: `transformer`, an encoder role (`clip_l`,
+    `clip_g`, `t5`), or None (a text encoder the family's pipelines do not have)."""
+    parts: dict[str | None, list[str]] = {}
+    for k in Checkpoint.open(path):
+        parts.setdefault(lora_part(k, family), []).append(k)
+    return parts
 
 
 def save_lora(

@@ -15,6 +15,19 @@ Linears; the adaLN stored as (scale, shift) by Diffusers gets its LoRA's output 
 XLabs' own pipeline multiplies both down and up by its `lora_weight`, i.e. strength w there is w²
 here; we follow Diffusers (strength is linear). BFL control LoRAs (`lora_B.bias`, replaced norm
 scales), DoRA and full-weight diffs (`.diff`, `.diff_b`) are refused with a message saying so.
+
+Text-encoder weights in the same files are read per encoder role (our pipelines' `clip_l`,
+`clip_g`, `t5`) onto Hugging Face module paths, which our encoders share (`text_model.encoder.
+layers.N.self_attn.q_proj`, `encoder.block.N.layer.0.SelfAttention.q`); alpha as above:
+
+| format | keys |
+|---|---|
+| Diffusers / PEFT | `text_encoder.<HF path>.lora_A/lora_B.weight` (FLUX: CLIP-L, `text_encoder_2.`: T5; SD3: CLIP-L, `text_encoder_2.`: CLIP-bigG, `text_encoder_3.`: T5); the HF path may lack `text_model.` (transformers 5's CLIPTextModel) |
+| kohya sd-scripts | `lora_te1_<HF path, dots as _>.lora_down/lora_up.weight`, `.alpha`: te1 CLIP-L (`lora_te_` too), te2 CLIP-bigG, te3 T5 |
+| ComfyUI | `text_encoders.{clip_l,clip_g,t5xxl}.transformer.<HF path>.lora_down/lora_up.weight`, `.alpha` |
+
+Diffusers' own loaders apply the CLIP parts only (FLUX: `text_encoder.`; SD3: `text_encoder.`,
+`text_encoder_2.`; kohya: te1) and drop T5's; we apply T5's too.
 """
 
 from __future__ import annotations
@@ -31,6 +44,18 @@ from .files import CheckpointError
 from .mapping import KeyMap
 
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "text_encoders.", "lora_te")
+ENCODER_ROLES = ("clip_l", "clip_g", "t5")
+# Diffusers' pipeline components -> our encoder roles, per family
+DIFFUSERS_TEXT_ENCODERS = {
+    "flux": {"text_encoder": "clip_l", "text_encoder_2": "t5"},
+    "sd3": {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5"},
+}
+# the other layouts' text-encoder key prefixes -> (role, format), the same for both families
+TEXT_ENCODER_KEYS = {
+    "lora_te_": ("clip_l", "kohya"), "lora_te1_": ("clip_l", "kohya"), "lora_te2_": ("clip_g", "kohya"),
+    "lora_te3_": ("t5", "kohya"), "text_encoders.clip_l.transformer.": ("clip_l", "comfyui"),
+    "text_encoders.clip_g.transformer.": ("clip_g", "comfyui"), "text_encoders.t5xxl.transformer.": ("t5", "comfyui"),
+}
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 # tensor suffix -> role (down = A (r, in), up = B (out, r))
@@ -126,7 +151,7 @@ def detect_format(keys: list[str]) -> str:
     def has(pred):
         return next((k for k in keys if pred(k)), None)
 
-    if k := has(lambda k: k.endswith("lora_B.bias") or k.endswith("query_norm.scale")):
+    if k := has(lambda k: k.endswith(("lora_B.bias", "query_norm.scale"))):
         raise CheckpointError(f"BFL control LoRAs (with LoRA biases and replaced norms, e.g. {k!r}) are not supported")
     if k := has(lambda k: "dora_scale" in k or "lora_magnitude_vector" in k):
         raise CheckpointError(f"DoRA LoRAs are not supported (key {k!r})")
@@ -204,11 +229,6 @@ def read_pieces(
 ) -> tuple[list[Piece], list[str], list[str]]:
     """All pieces of a LoRA file for `model`; also the keys that match nothing and the text-encoder keys."""
     fmt = detect_format(list(tensors))
-    cfg = lora_config(metadata) if fmt == "diffusers" else {}
-    if cfg.get("use_dora"):
-        raise CheckpointError(f"{source}: DoRA LoRAs are not supported")
-    targets = model_targets(fmt, model, keymap)
-
     stripped, skipped = {}, []  # {key without prefix: file key}, text-encoder keys
     for k in tensors:
         s = strip_prefix(fmt, k)
@@ -216,6 +236,18 @@ def read_pieces(
             skipped.append(k)
         else:
             stripped[s] = k
+    cfg = lora_config(metadata) if fmt == "diffusers" else {}
+    pieces, unmatched = module_pieces(tensors, stripped, model_targets(fmt, model, keymap), cfg, source)
+    return pieces, unmatched, skipped
+
+
+def module_pieces(
+    tensors: dict[str, Tensor], stripped: dict[str, str], targets: dict[str, Target], cfg: dict, source: str
+) -> tuple[list[Piece], list[str]]:
+    """The pieces of the LoRA modules in `stripped` ({key without its prefix: file key}) that land on
+    `targets`, scaled by their `.alpha` keys, else the PEFT config `cfg`; also the keys that match nothing."""
+    if cfg.get("use_dora"):
+        raise CheckpointError(f"{source}: DoRA LoRAs are not supported")
     modules, other = group_keys(list(stripped))
     unmatched = [stripped[k] for k in other]
     pieces = []
@@ -235,4 +267,49 @@ def read_pieces(
             alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", rank))
         scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
         pieces.append(Piece(targets[name], down, up, scale, roles["down"]))
-    return pieces, unmatched, skipped
+    return pieces, unmatched
+
+
+# ---- text encoders ----
+
+
+def text_encoder_prefixes(family: str) -> dict[str, tuple[str, str]]:
+    """{text-encoder key prefix: (our encoder role, format)} of the family's LoRA files."""
+    if family not in DIFFUSERS_TEXT_ENCODERS:
+        raise ValueError(f"text-encoder LoRAs are for the flux and sd3 families, not {family!r}")
+    diffusers = {f"{c}.": (role, "diffusers") for c, role in DIFFUSERS_TEXT_ENCODERS[family].items()}
+    return diffusers | TEXT_ENCODER_KEYS
+
+
+def lora_part(key: str, family: str) -> str | None:
+    """What a LoRA key is for: `transformer`, an encoder role, or None (a text encoder the family lacks)."""
+    role = next((r for p, (r, _) in text_encoder_prefixes(family).items() if key.startswith(p)), None)
+    return role or (None if key.startswith(TEXT_ENCODER_PREFIXES) else "transformer")
+
+
+def encoder_targets(encoder: nn.Module, fmt: str) -> dict[str, Target]:
+    """{module name as the format writes it: Target} for every Linear of one of our text encoders:
+    the HF module path, also without CLIP's `text_model.`; kohya: dots as `_`."""
+    out = {}
+    for n, m in encoder.named_modules():
+        if isinstance(m, nn.Linear):
+            for alias in (n, n.removeprefix("text_model.")):
+                out[alias.replace(".", "_") if fmt == "kohya" else alias] = Target(n)
+    return out
+
+
+def text_encoder_pieces(
+    tensors: dict[str, Tensor], metadata: dict[str, str], encoder: nn.Module, role: str, family: str, source: str
+) -> tuple[list[Piece], list[str]]:
+    """All pieces of a LoRA file for our text encoder `role` of a `family` pipeline; also its keys that
+    match no Linear of the encoder. Keys of the other parts are ignored."""
+    detect_format(list(tensors))  # refuses DoRA, full-weight differences, ...
+    pieces, unmatched = [], []
+    for prefix, (r, fmt) in text_encoder_prefixes(family).items():
+        stripped = {k[len(prefix):]: k for k in tensors if k.startswith(prefix)}
+        if r != role or not stripped:
+            continue
+        cfg = lora_config(metadata, prefix[:-1]) if fmt == "diffusers" else {}
+        p, u = module_pieces(tensors, stripped, encoder_targets(encoder, fmt), cfg, source)
+        pieces, unmatched = pieces + p, unmatched + u
+    return pieces, unmatched

@@ -1,0 +1,55 @@
+"""LoRA files on a whole pipeline: the transformer part and each text encoder's part (convert/lora.py)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from torch import nn
+
+from convert.files import CheckpointError
+from convert.lora import load_lora, load_text_encoder_lora, lora_parts
+from mmdit.lora import remove_lora
+
+from .pipeline import Pipeline
+
+
+def load_pipeline_lora(
+    pipe: Pipeline, path: str | os.PathLike, scale: float = 1.0, name: str | None = None, strict: bool = True
+) -> str:
+    """Add the LoRA in `path` to the pipeline (in place) as adapter `name` (default: the file's stem).
+
+    The transformer part goes to `pipe.transformer`, each text-encoder part to `pipe.encoders[role]`
+    (`clip_l`, `clip_g`, `t5`; layouts: convert/lora_formats.py); a file may hold any of them. Weights
+    for an encoder the pipeline does not have (T5 left out, `lora_te2_` CLIP-bigG in a FLUX file) are
+    an error naming it, as are keys matching no layer; strict=False skips them with a warning. Either
+    every part loads or none changes. scale: the user strength of every part. Returns the adapter name.
+    """
+    models: dict[str, nn.Module] = {}
+    for part, keys in lora_parts(path, pipe.family).items():
+        model = pipe.transformer if part == "transformer" else pipe.encoders.get(part) if part else None
+        if model is not None:
+            models[part] = model
+            continue
+        problem = (f"{len(keys)} LoRA key(s) for the {part} text encoder, which this pipeline does not have"
+                   if part else f"{len(keys)} LoRA key(s) for no text encoder of a {pipe.family} pipeline")
+        if strict:
+            raise CheckpointError(f"{path}: {problem}, first: {keys[0]!r}; pass strict=False to load the rest")
+        warnings.warn(f"{path}: {problem}: not applied")
+    if not models:
+        raise CheckpointError(f"{path}: no LoRA weights for this pipeline in the file")
+    done: list[nn.Module] = []
+    try:
+        for part, model in models.items():
+            if part == "transformer":
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", r".*text-encoder LoRA key")  # they load here too
+                    name = load_lora(model, path, scale, name, strict)
+            else:
+                name = load_text_encoder_lora(model, path, part, pipe.family, scale, name, strict)
+            done.append(model)
+    except Exception:
+        for model in done:
+            remove_lora(model, name)
+        raise
+    return name
