@@ -11,11 +11,14 @@ Attribute names are SAI's checkpoint keys, so `sd3.5_large.safetensors` loads wi
 `load_state_dict`. TACA's temperature goes to every joint attention, never to `attn2` (it has no
 text tokens). Deviation from SAI: the timestep is `t` in [0, 1] (scaled by 1000 here), as in FLUX.
 
-Interface (shared by every family): `model(x, t, context, pooled, guidance=None, temperature=None) -> v`.
+Interface (shared by every family): `model(x, t, context, pooled, guidance=None, temperature=None) -> v`;
+SD3 also takes `skip_layers`, the joint blocks to skip (skip-layer guidance, sampling/sampler.py).
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,7 +26,17 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .attention import Temperature, attention, temperature_on
-from .layers import LastLayer, Modulation, RMSNorm, WeightsModule, gated, layer_norm, modulations, run_block, timestep_embedding
+from .layers import (
+    LastLayer,
+    Modulation,
+    RMSNorm,
+    WeightsModule,
+    gated,
+    layer_norm,
+    modulations,
+    run_block,
+    timestep_embedding,
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,7 @@ class SD3Params:
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
-    def tiny(self) -> "SD3Params":
+    def tiny(self) -> SD3Params:
         """Same layout and input widths, two blocks of head dim 64 (one with `attn2` if any), a table of <= 64 patches."""
         return replace(
             self, depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=min(self.pos_embed_max_size, 64),
@@ -79,6 +92,15 @@ PRESETS = {
     "sd3.5-large": SD3Params(depth=38, qk_norm=True),
     "sd3.5-medium": SD3Params(depth=24, pos_embed_max_size=384, qk_norm=True, x_block_self_attn_layers=tuple(range(13))),
 }
+
+
+def skipped_blocks(layers: Collection[int], depth: int) -> tuple[int, ...]:
+    """The joint-block indices to skip, sorted; an index outside 0..depth-1 is a ValueError."""
+    blocks = sorted({operator.index(i) for i in layers})  # integers only: 7.0 or "7" is a TypeError
+    for i in blocks:
+        if not 0 <= i < depth:
+            raise ValueError(f"skip_layers: there is no joint block {i}; the model has {depth} (0 to {depth - 1})")
+    return tuple(blocks)
 
 
 class VectorEmbedder(nn.Module):
@@ -233,15 +255,19 @@ class SD3(WeightsModule):
         pooled: Tensor,
         guidance: Tensor | None = None,
         temperature: Temperature = None,
+        skip_layers: Collection[int] = (),
     ) -> Tensor:
         """x: (B, C, H, W) latents, H and W multiples of the patch; t: (B,) in [0, 1];
         context: (B, L, 4096); pooled: (B, 2048).
 
         guidance is accepted for the shared interface and ignored (SD3 has no guidance embedder).
+        skip_layers (SD3 only): indices of joint blocks that are skipped, both streams passing through
+        unchanged, as Diffusers' `skip_layers` (skip-layer guidance's branch); an index outside the
+        model is a ValueError.
         Returns the velocity (B, out_channels, H, W) in x's dtype.
         """
         p = self.params
-        B, C, H, W = x.shape
+        _, C, H, W = x.shape
         if H % p.patch_size or W % p.patch_size:
             raise ValueError(f"latent height and width must be multiples of the patch size {p.patch_size}, got {H}x{W}")
         if C != p.in_channels:
@@ -253,7 +279,9 @@ class SD3(WeightsModule):
         txt = self.context_embedder(context.to(dt))  # (B, L_txt, D)
 
         temperature = temperature_on(temperature, x.device)
-        for block in self.joint_blocks:
-            txt, img = run_block(self, block, txt, img, c, temperature)
+        skip = skipped_blocks(skip_layers, p.depth)
+        for i, block in enumerate(self.joint_blocks):
+            if i not in skip:  # a skipped block is the identity for both streams
+                txt, img = run_block(self, block, txt, img, c, temperature)
         out = self.final_layer(img, c)  # (B, h*w, p*p*C_out), features ordered (py, px, c)
         return rearrange(out, "B (h w) (ph pw C) -> B C (h ph) (w pw)", h=h, ph=p.patch_size, pw=p.patch_size).to(x.dtype)

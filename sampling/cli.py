@@ -5,9 +5,10 @@ function it names, which takes the parsed arguments and returns the exit code. A
 its `add_...` function to `COMMANDS`.
 
 `mmdit sample PROMPT --model SOURCE` writes a PNG whose text chunks hold every setting used (prompt,
-model, variant, steps, guidance, seed, taca, size, version; negative prompt, true CFG, LoRAs and the
-display upscale when used), so an image can be made again. Without --model it samples the tiny model
-shipped with the repo (assets/tiny-flux: 32x32 scenes of colored shapes, shown 8x enlarged), offline.
+model, variant, steps, guidance, seed, taca, size, version; negative prompt, true CFG, skip-layer
+guidance, LoRAs and the display upscale when used), so an image can be made again. Without --model it
+samples the tiny model shipped with the repo (assets/tiny-flux: 32x32 scenes of colored shapes, shown
+8x enlarged), offline.
 Defaults (steps, guidance) are the model's own: see `sampling.pipeline.DEFAULTS`.
 """
 
@@ -71,12 +72,19 @@ def add_sample(sub) -> None:
     p.add_argument("--guidance", type=float, help="FLUX-dev: distilled guidance; SD3: CFG scale (default: the model's)")
     p.add_argument("--negative", help="negative prompt (SD3 CFG; FLUX with --true-cfg)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX: true CFG scale with --negative (default off)")
+    p.add_argument("--slg", type=int, nargs="+", metavar="LAYER",
+                   help="SD3: skip-layer guidance, skipping these joint blocks (SD3.5 Medium: 7 8 9); needs CFG")
+    p.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale (default 2.8)")
+    p.add_argument("--slg-start", type=float, default=0.01,
+                   help="SLG applies in step i of N when N * start < i < N * stop (default 0.01)")
+    p.add_argument("--slg-stop", type=float, default=0.2, help="see --slg-start (default 0.2)")
     p.add_argument("--seed", type=int, help="default: a random seed, written to the PNG")
     p.add_argument("--taca", type=float, metavar="GAMMA", help="TACA: image-to-text logits x GAMMA (paper: 1.2)")
     p.add_argument("--taca-until", type=float, default=0.97, metavar="T",
                    help="TACA is on while the noise level t >= T (paper: 0.97; 0: every step)")
     p.add_argument("--lora", type=Path, action="append", default=[], metavar="FILE",
-                   help="a LoRA to apply (repeatable); with --taca it is on only in the TACA steps")
+                   help="a LoRA to apply, text-encoder weights included (repeatable); with --taca the "
+                        "transformer part is on only in the TACA steps")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of every --lora")
     p.add_argument("--size", type=parse_size, metavar="WxH", help="default: the model's (1024x1024; the tiny model 32x32)")
     p.add_argument("--upscale", type=int, metavar="N",
@@ -96,9 +104,8 @@ def sample(args: argparse.Namespace) -> int:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    import convert
-
     from .loading import load_pipeline
+    from .lora import load_pipeline_lora
     from .taca import TacaSchedule
 
     model = args.model or default_model()
@@ -106,7 +113,7 @@ def sample(args: argparse.Namespace) -> int:
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
     pipe = load_pipeline(model, device=device, dtype=dtype, offload=args.offload, offload_encoders=args.offload_encoders)
     for file in args.lora:
-        convert.load_lora(pipe.transformer, file, scale=args.lora_scale)
+        load_pipeline_lora(pipe, file, scale=args.lora_scale)
     steps = pipe.defaults.steps if args.steps is None else args.steps
     guidance = pipe.defaults.guidance if args.guidance is None else args.guidance
     seed = random.randrange(2**32) if args.seed is None else args.seed
@@ -116,6 +123,8 @@ def sample(args: argparse.Namespace) -> int:
     (image,) = pipe.generate(
         [args.prompt], height=height, width=width, steps=steps, guidance=guidance, seed=seed,
         negative_prompt=args.negative, true_cfg=args.true_cfg, temperature=taca, progress=True,
+        skip_guidance_layers=args.slg, skip_layer_guidance_scale=args.slg_scale,
+        skip_layer_guidance_start=args.slg_start, skip_layer_guidance_stop=args.slg_stop,
     )
     info = {
         "prompt": args.prompt, "model": model, "variant": pipe.variant, "steps": steps, "guidance": guidance,
@@ -126,6 +135,9 @@ def sample(args: argparse.Namespace) -> int:
         info["negative"] = args.negative
     if args.true_cfg > 1:
         info["true_cfg"] = args.true_cfg
+    if args.slg is not None:
+        layers = " ".join(map(str, args.slg))
+        info["slg"] = f"layers {layers} scale={args.slg_scale} start={args.slg_start} stop={args.slg_stop}"
     if args.lora:
         info["lora"] = ", ".join(f"{f.name} x{args.lora_scale}" for f in args.lora)
     if upscale > 1:

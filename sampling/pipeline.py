@@ -10,7 +10,7 @@ receives (`encode_prompt`), in their schedule and in their guidance:
   transformer's context width, then the T5 states along the sequence (zeros where T5 is absent, as
   Diffusers does); pooled = both CLIP pooled vectors (projected when the encoder has a projection,
   as Diffusers' CLIPTextModelWithProjection). Classifier-free guidance with a negative prompt ("" by
-  default), both branches in one batch.
+  default), both branches in one batch; optionally skip-layer guidance on top (`skip_guidance_layers`).
 Facts: ../shared/FORMATS.md 5.4 and 6. Deviation from Diffusers: latents are kept in float32 between
 steps whatever the model's dtype.
 """
@@ -24,8 +24,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from mmdit.sd3 import skipped_blocks
+
 from .offload import check_offload, on_device, pin
-from .sampler import Conditioning, euler, guided_velocity
+from .sampler import Conditioning, SkipLayerGuidance, euler, guided_velocity, slg_window
 from .schedules import flux_sigmas, given_sigmas, sd3_sigmas
 from .taca import TemperatureSpec
 
@@ -111,10 +113,15 @@ class Pipeline:
         self.variant = variant_of(transformer, name)
         self.defaults = defaults or defaults_for(self.variant)  # the model folder's own, else the family's
         self.offload = check_offload(offload or ("encoders" if offload_encoders else None))
-        self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
+        self._device = None if device is None else torch.device(device)
         if self.offload and self.device.type == "cuda":
             for part in self._offloaded():
                 pin(part)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline computes: the one given, else the transformer's."""
+        return self._device or next(self.transformer.parameters()).device
 
     def _offloaded(self) -> list[nn.Module]:
         """The parts that live off the device: none, the text encoders, or every part."""
@@ -169,6 +176,10 @@ class Pipeline:
         decode_tile: int | None = None,
         output: str = "pil",
         progress: bool = False,
+        skip_guidance_layers: list[int] | None = None,
+        skip_layer_guidance_scale: float = 2.8,
+        skip_layer_guidance_start: float = 0.01,
+        skip_layer_guidance_stop: float = 0.2,
     ):
         """Images for the prompts (height and width: default the model's, 1024 for the real ones).
 
@@ -179,6 +190,10 @@ class Pipeline:
         sigmas: your own noise levels instead of the model's schedule.
         decode_tile: tiled decoding (latent pixels per tile) for large images.
         output: "pil" (list of images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent".
+        skip_guidance_layers (SD3 only, with CFG): skip-layer guidance, as Diffusers' argument of the
+            same name (SD3.5 Medium: [7, 8, 9]): the CFG velocity gets `skip_layer_guidance_scale *
+            (v_pos - v_skip)`, v_skip the positive branch without these joint blocks, in the steps i of
+            N with `N * skip_layer_guidance_start < i < N * skip_layer_guidance_stop`.
         """
         prompts = as_prompts(prompts)
         height = self.defaults.size if height is None else height
@@ -187,6 +202,8 @@ class Pipeline:
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
         if height <= 0 or width <= 0 or height % 16 or width % 16:
             raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+        if skip_guidance_layers is not None and self.family != "sd3":
+            raise ValueError(f"skip-layer guidance (skip_guidance_layers, --slg) is SD3-only; this is a {self.family} model")
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance is None else guidance
         ae = self.autoencoder
@@ -198,10 +215,16 @@ class Pipeline:
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {list(shape)} (B, z, H/f, W/f), got {list(noise.shape)}")
 
+        schedule = given_sigmas(sigmas) if sigmas is not None else self.sigmas(steps, h, w)
+        slg = None
+        if skip_guidance_layers is not None:
+            layers = skipped_blocks(skip_guidance_layers, self.transformer.params.depth)
+            window = slg_window(schedule, skip_layer_guidance_start, skip_layer_guidance_stop)
+            slg = SkipLayerGuidance(layers, skip_layer_guidance_scale, window)
+
         cond = self._conditioning(prompts)
         negative, cfg, distilled = self._guidance(prompts, guidance, negative_prompt, true_cfg)
-        velocity = guided_velocity(self.transformer, cond, negative, cfg, distilled, temperature, gate_lora)
-        schedule = given_sigmas(sigmas) if sigmas is not None else self.sigmas(steps, h, w)
+        velocity = guided_velocity(self.transformer, cond, negative, cfg, distilled, temperature, gate_lora, slg)
         with self._running(self.transformer):
             latents = euler(velocity, noise.to(self.device, torch.float32), schedule.to(self.device), progress)
         if output == "latent":
