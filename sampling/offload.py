@@ -4,7 +4,8 @@ A model's weights do not change while it samples, so nothing needs to come back:
 device copy of every weight in place of the CPU tensor for the duration and puts the CPU tensor back
 after (half the traffic of `module.to(device)` then `module.to("cpu")`). `streamed` does the same one
 block at a time, so the device holds the weights outside the blocks and one block: for T5-XXL in
-bf16, its 0.26 GB embedding and one 0.39 GB block, against 9.5 GB for the whole encoder.
+bf16, its 0.26 GB embedding and one 0.39 GB block, against 9.5 GB for the whole encoder. What a
+run writes into a borrowed weight is lost with the copy: merge a LoRA before sampling, not during.
 
 Offload modes of a pipeline (`OFFLOAD`), FLUX.1-dev bf16 at 1024x1024 for scale:
 - None: every part on the device (transformer 23.8 GB + T5 9.5 GB + CLIP 0.25 GB + VAE 0.17 GB).

@@ -221,3 +221,13 @@ def built(kind: str):
     if kind.startswith("flux"):
         return tiny_flux_pipeline(work, schnell=kind == "flux-schnell")
     return tiny_sd3_pipeline(work, with_t5=kind == "sd3")
+
+
+def random_lora(model, std: float, name: str = "taca", rank: int = 4) -> None:
+    """A LoRA on every attention projection with random B (a fresh one is zero: no effect), in place."""
+    from mmdit.lora import adapters, inject_lora
+
+    inject_lora(model, name, rank=rank)
+    with torch.no_grad():
+        for _, _, a in adapters(model):
+            a.lora_B.normal_(0, std)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from pipeline_builders import built
+from pipeline_builders import built, random_lora
 
 from sampling import TacaSchedule, load_pipeline
 from sampling.cli import main, version
@@ -74,14 +74,10 @@ def test_python_m_sampling_is_the_cli():
 def test_sample_with_a_taca_lora(tmp_path):
     """--lora with --taca: the file is applied, and gated to the TACA steps, as in `generate`."""
     from convert import load_lora, save_lora
-    from mmdit.lora import adapters, inject_lora
 
     _, folder = built("flux")
     pipe = load_pipeline(folder)
-    inject_lora(pipe.transformer, "taca", rank=4)
-    with torch.no_grad():
-        for _, _, a in adapters(pipe.transformer):
-            a.lora_B.normal_(0, 0.2)
+    random_lora(pipe.transformer, std=0.2)
     save_lora(pipe.transformer, tmp_path / "taca.safetensors", "taca")
     out = tmp_path / "lora.png"
     assert main(["sample", PROMPT, "--model", str(folder), "--steps", "2", "--size", "48x64", "--seed", "5",

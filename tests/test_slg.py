@@ -12,9 +12,9 @@ import pytest
 import torch
 from builders import rel_err
 from PIL import Image
-from pipeline_builders import PROMPTS, T5_LEN, built, flux_noise
+from pipeline_builders import PROMPTS, T5_LEN, built, flux_noise, random_lora
 
-from mmdit.lora import adapters, inject_lora, lora_enabled
+from mmdit.lora import lora_enabled
 from sampling import TacaSchedule, load_pipeline
 from sampling.cli import DEFAULT_MODEL, main
 from sampling.sampler import slg_window
@@ -115,10 +115,7 @@ def test_taca_and_lora_gate_act_on_the_slg_branch(sd3):
     """TACA on in steps 0-1 (t >= 0.7), SLG in steps 1-2: every combination of the two occurs."""
     _, folder, _ = sd3
     pipe = load_pipeline(folder, max_sequence_length=T5_LEN)
-    inject_lora(pipe.transformer, "taca", rank=4)
-    with torch.no_grad():
-        for _, _, a in adapters(pipe.transformer):
-            a.lora_B.normal_(0, 0.1)
+    random_lora(pipe.transformer, std=0.1)
     noise = flux_noise(2, H, W, seed=13)
     taca = TacaSchedule(1.5, until=0.7)
     kw = {"height": H, "width": W, "steps": 4, "guidance": 4.5, "noise": noise, "output": "latent",
