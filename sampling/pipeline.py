@@ -226,7 +226,7 @@ class Pipeline:
         negative, cfg, distilled = self._guidance(prompts, guidance, negative_prompt, true_cfg)
         velocity = guided_velocity(self.transformer, cond, negative, cfg, distilled, temperature, gate_lora, slg)
         with self._running(self.transformer):
-            latents = euler(velocity, noise.to(self.device, torch.float32), schedule.to(self.device), progress)
+            latents = euler(velocity, noise.to(self.device, torch.float32), schedule, progress)  # schedule on the CPU
         if output == "latent":
             return latents
         with self._running(ae):

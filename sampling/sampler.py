@@ -63,7 +63,11 @@ def combine(v_neg: Tensor, v_pos: Tensor, cfg: float, v_skip: Tensor | None = No
 
 
 def euler(velocity: Velocity, x: Tensor, sigmas: Tensor, progress: bool = False) -> Tensor:
-    """Integrate from sigmas[0] down to sigmas[-1]. x: (B, C, h, w), sigmas: (N + 1,)."""
+    """Integrate from sigmas[0] down to sigmas[-1]. x: (B, C, h, w), sigmas: (N + 1,).
+
+    Keep sigmas on the CPU: then every per-step decision (TACA's schedule, the LoRA gate, SLG's window)
+    reads a host number, and a GPU run never waits for the device between steps.
+    """
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
         t, t_next = sigmas[i], sigmas[i + 1]
         x = x + (t_next - t) * velocity(x, t)
@@ -96,7 +100,7 @@ def guided_velocity(
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         temp = temperature_at(temperature, t)
         xs = torch.cat([x] * (n // B))
-        ts = t.to(x.device, torch.float32).expand(n)
+        ts = torch.full((n,), float(t), device=x.device)  # a fill, not a copy: no sync for a host t
         v_skip = None
         with lora_gate(model, temp is not None or not gate_lora):
             v = model(xs, ts, context, pooled, guidance=g, temperature=repeat_for_batch(temp, n // B))

@@ -282,3 +282,18 @@ def test_taca_lora_is_gated_in_generate(flux):
     with_lora = pipe.generate(PROMPTS, temperature=never, gate_lora=False, **kw)
     assert rel_err(with_lora, plain) > 1e-4
     assert torch.equal(pipe.generate(PROMPTS, **kw), with_lora)  # no TACA: a LoRA is simply on
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_sampling_reads_nothing_back_from_the_device(kind):
+    """Every per-step decision (TACA's schedule, the LoRA gate, SLG's window) uses host numbers, so a GPU
+    never waits between steps. On the meta device reading a value back is an error, so a whole run there
+    with all of them on shows it."""
+    with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):
+        float(torch.zeros((), device="meta"))
+    pipe = load_pipeline(built(kind)[1], device="meta", max_sequence_length=T5_LEN)
+    random_lora(pipe.transformer, std=0.1)
+    slg = {"skip_guidance_layers": [0], "skip_layer_guidance_start": 0, "skip_layer_guidance_stop": 1} if kind == "sd3" else {}
+    latents = pipe.generate(PROMPTS, height=H, width=W, steps=3, seed=0, temperature=TacaSchedule(1.2, 0.5),
+                            output="latent", **slg)
+    assert latents.device.type == "meta" and latents.shape == (2, 16, H // 8, W // 8)
