@@ -19,7 +19,10 @@ Variants: ours plain and with TACA (`temperature=1.2`, the split-SDPA path of mm
 Diffusers plain; in eager mode also Diffusers with TACA the paper's unfused way (explicit logits,
 `F.scaled_dot_product_attention` swapped for `softmax(T * q k^T / sqrt(d)) v` during its calls).
 `--compile` adds `torch.compile(model)` of each (not the explicit-logits one), compile warm-up excluded;
-`--compile-mode` picks torch.compile's mode for both (e.g. `max-autotune`: longer warm-up).
+`--compile-mode` picks torch.compile's mode for both (e.g. `max-autotune`: longer warm-up);
+`--compile-blocks` compiles each repeated block in place instead of the whole model (regional
+compilation, as Diffusers' `compile_repeated_blocks`): one compile per block class, so seconds to a
+minute of warm-up where a whole 12B model takes minutes.
 
 Timing: `torch.cuda.synchronize()` (a no-op on CPU) and `time.perf_counter` around each step, median
 of `--steps` after `--warmup`. Peak memory (CUDA only): the model's own weights plus the peak of what
@@ -337,6 +340,19 @@ class ModelResult:
     syncs: dict[str, int] = field(default_factory=dict)
 
 
+def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """`torch.compile(model)`, or with `--compile-blocks` each repeated block compiled in place (regional
+    compilation: one compile per block class and variant, where the whole model takes minutes)."""
+    from sampling.offload import blocks_of
+
+    options = {"mode": args.compile_mode, "backend": args.compile_backend}
+    if not args.compile_blocks:
+        return torch.compile(model, **options)
+    for block in blocks_of(model):  # FLUX's double and single blocks, SD3's joint blocks (ours and Diffusers')
+        block.compile(**options)
+    return model
+
+
 @torch.no_grad()
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> ModelResult:
     params = model_params(name, args.tiny)
@@ -362,7 +378,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
     result = ModelResult(name, dtype, shape, [], taca_effect=rel_err(reference[taca], reference["-"]))
     modes = ["eager", "compiled"] if args.compile else ["eager"]
     for mode in modes:
-        compiled = {id(m): torch.compile(m, mode=args.compile_mode) for m in (ours, ref)} if mode == "compiled" else {}
+        compiled = {id(m): compile_model(m, args) for m in (ours, ref)} if mode == "compiled" else {}
         for (impl, column), (module, make) in variants.items():
             if mode == "compiled" and column == explicit:
                 continue
@@ -670,6 +686,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
     ap.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile's mode for both implementations (default: its default)")
+    ap.add_argument("--compile-blocks", action="store_true",
+                    help="compile each repeated block instead of the whole model, for both (a much shorter warm-up)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile's backend ('eager': a smoke test)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens in them)")
     ap.add_argument("--batch", type=int, default=1)

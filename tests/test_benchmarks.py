@@ -143,3 +143,23 @@ def test_cost_model_at_full_size(name):
 def test_unknown_model_is_named():
     with pytest.raises(ValueError, match="unknown model 'flux-pro'"):
         st.parse_args(["--models", "flux-pro"])
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_compiled_rows_equal_diffusers(blocks):
+    """The compiled rows, whole model or block by block (the eager backend: the plumbing, not the codegen)."""
+    argv = ["--tiny", "--device", "cpu", "--models", "flux-dev", "--warmup", "1", "--steps", "1", "--no-graph-breaks",
+            "--compile", "--compile-backend", "eager", "--out", "-", *(["--compile-blocks"] if blocks else [])]
+    (res,) = st.main(argv).models
+    compiled = [r for r in res.rows if r.mode == "compiled"]
+    assert {(r.impl, r.taca) for r in compiled} == {("ours", "-"), ("ours", "1.2"), ("diffusers", "-")}
+    assert all(r.rel_err <= 1e-4 for r in compiled), compiled
+
+
+def test_compile_blocks_compiles_every_repeated_block_in_place():
+    model = st.build_ours(st.model_params("flux-dev", True), CPU, torch.float32)
+    args = st.parse_args(["--compile-blocks", "--compile-backend", "eager"])
+    assert st.compile_model(model, args) is model
+    blocks = [*model.double_blocks, *model.single_blocks]
+    assert len(blocks) == 4 and all(b._compiled_call_impl is not None for b in blocks)
+    assert model._compiled_call_impl is None  # the rest of the model stays eager
