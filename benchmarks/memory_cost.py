@@ -39,6 +39,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from sampling.offload import EVERY_PART, OFFLOAD, blocks_of
+
 from .step_cost import StepCost, _fused_ops_counted
 from .step_time import (
     LATENT,
@@ -60,7 +62,7 @@ from .step_time import (
 
 TITLE = "FLUX.1-dev pipeline memory (computed, meta device)"
 GOAL_GB = 26.0
-MODES = (None, "encoders", "stream-encoders", "model", "stream")
+MODES = OFFLOAD
 ENCODERS = ("t5", "clip_l")
 GB, GIB = 1e9, 2**30
 
@@ -131,8 +133,6 @@ def live_bytes_peak(fn: Callable[[], object]) -> MemoryPeak:
 def block_stream_bytes(module: nn.Module) -> int:
     """What sampling/offload.py's `streamed` keeps on the device: the weights outside the repeated blocks
     (borrowed for the whole call) + the largest block (one at a time)."""
-    from sampling.offload import blocks_of
-
     blocks = [tensor_bytes(b) for b in blocks_of(module)]
     return tensor_bytes(module) - sum(blocks) + max(blocks, default=0)
 
@@ -191,7 +191,7 @@ def mode_peak(parts: list[Part], mode: str | None) -> int:
     """The computed peak of `mode`: the largest over phases of the weights on the device + the phase's activations."""
     def on_device(p: Part, running: Part) -> int:
         """The bytes of `p`'s weights on the device while `running`'s phase runs."""
-        offloaded = mode in ("model", "stream") or (mode in ("encoders", "stream-encoders") and p.name in ENCODERS)
+        offloaded = mode in EVERY_PART or (mode is not None and p.name in ENCODERS)
         if not offloaded:
             return p.weights  # resident the whole time
         if p is not running:

@@ -72,6 +72,7 @@ import mmdit
 from mmdit.flux import PRESETS as FLUX_PRESETS
 from mmdit.flux import FluxParams, image_ids
 from mmdit.sd3 import PRESETS as SD3_PRESETS
+from sampling.offload import EVERY_PART, blocks_of
 
 from .load_sd3 import diffusers_config, machine
 from .step_cost import StepCost, step_cost
@@ -343,8 +344,6 @@ class ModelResult:
 def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     """`torch.compile(model)`, or with `--compile-blocks` each repeated block compiled in place (regional
     compilation: one compile per block class and variant, where the whole model takes minutes)."""
-    from sampling.offload import blocks_of
-
     options = {"mode": args.compile_mode, "backend": args.compile_backend}
     if not args.compile_blocks:
         return torch.compile(model, **options)
@@ -476,7 +475,7 @@ def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
     results, images = [], {}
     for mode in args.offload:
         offload = None if mode == "none" else mode
-        home = "cpu" if offload in ("model", "stream") else device  # where the transformer and VAE live
+        home = "cpu" if offload in EVERY_PART else device  # where the transformer and VAE live
         parts = {"t5": encoders["t5"].to("cpu" if offload else device),
                  "clip_l": encoders["clip_l"].to("cpu" if offload else device)}
         pipe = FluxPipeline(transformer.to(home), autoencoder.to(home), parts, tokenizers, name="random weights",

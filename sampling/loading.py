@@ -36,7 +36,7 @@ from convert.files import Checkpoint, CheckpointError
 from mmdit.pixel_codec import is_pixel_codec, load_pixel_codec
 from mmdit.tokenizer import CLIPTokenizer
 
-from .offload import check_offload
+from .offload import EVERY_PART, check_offload
 from .pipeline import PIPELINES, Defaults, Pipeline
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def load_pipeline(
         raise TypeError(f"load_pipeline: unknown part(s) {sorted(unknown)}; parts are {sorted(allowed)}")
     path, name = resolve(str(source), revision)
     offload = check_offload(offload or ("encoders" if offload_encoders else None))
-    everything = offload in ("model", "stream")
+    everything = offload in EVERY_PART
     transformer = convert.load_transformer(path, device="cpu" if everything else device, dtype=dtype)
     family = transformer.family
     parts = find_parts(path, family, given)

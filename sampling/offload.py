@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 OFFLOAD = (None, "encoders", "stream-encoders", "model", "stream")
+EVERY_PART = ("model", "stream")  # the modes that keep the transformer and autoencoder off the device too
 
 
 def check_offload(mode: str | None) -> str | None:

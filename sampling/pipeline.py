@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mmdit.sd3 import skipped_blocks
 
-from .offload import check_offload, on_device, pin
+from .offload import EVERY_PART, check_offload, on_device, pin
 from .sampler import Conditioning, SkipLayerGuidance, euler, guided_velocity, slg_window
 from .schedules import flux_sigmas, given_sigmas, sd3_sigmas
 from .taca import TemperatureSpec
@@ -128,7 +128,7 @@ class Pipeline:
         if self.offload is None:
             return []
         parts = [e for e in self.encoders.values() if e is not None]
-        return parts + [self.transformer, self.autoencoder] if self.offload in ("model", "stream") else parts
+        return parts + [self.transformer, self.autoencoder] if self.offload in EVERY_PART else parts
 
     def _running(self, part: nn.Module):
         """The context in which `part` runs on the pipeline's device under its offload mode."""
