@@ -1,33 +1,27 @@
-"""Reading the official and community file formats: detection, key mapping, strict loading."""
+"""Reading the official and community file formats: detection, key mapping, strict loading.
 
-from importlib import import_module
+The layouts each loader reads, and why each mapping is what it is: docs/formats.md.
+"""
 
-from .files import Checkpoint, CheckpointError, save_safetensors_atomic
+from .autoencoder import load_autoencoder
+from .files import Checkpoint, CheckpointError, save_safetensors_atomic, write_atomic
 from .load import Detected, detect_transformer, load_transformer
-
-# Loaders of the other parts live in their own modules, imported on first use.
-_LAZY = {
-    "load_text_encoder": "text_encoders",
-    "load_tokenizer": "tokenizer",
-    "load_autoencoder": "autoencoder",
-    "load_lora": "lora",
-    "load_text_encoder_lora": "lora",
-    "save_lora": "lora",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'convert' has no attribute {name!r}")
-
+from .lora import load_lora, load_text_encoder_lora, save_lora
+from .text_encoders import load_text_encoder
+from .tokenizer import load_tokenizer
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
     "Detected",
     "detect_transformer",
+    "load_autoencoder",
+    "load_lora",
+    "load_text_encoder",
+    "load_text_encoder_lora",
+    "load_tokenizer",
     "load_transformer",
+    "save_lora",
     "save_safetensors_atomic",
-    *_LAZY,
+    "write_atomic",
 ]

@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import torch
 
+from .families import FAMILIES
 from .files import CheckpointError
 from .load import detect_transformer
 from .synthetic import random_checkpoint
@@ -31,9 +32,10 @@ def inspect(path: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("inspect", help="print the detected family, variant, dims, dtype, parameter count").add_argument("path")
+    show = sub.add_parser("inspect", help="print the detected family, variant, dims, dtype, parameter count")
+    show.add_argument("path")
     rnd = sub.add_parser("random", help="write a random-weight checkpoint in a preset's official layout")
-    rnd.add_argument("preset", help="flux-dev, flux-schnell, sd3-medium, sd3.5-large, sd3.5-medium")
+    rnd.add_argument("preset", help=", ".join(name for layout in FAMILIES.values() for name in layout.PRESETS))
     rnd.add_argument("path")
     rnd.add_argument("--tiny", action="store_true", help="two blocks of each kind, narrow width, same layout")
     rnd.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

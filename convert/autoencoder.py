@@ -1,7 +1,8 @@
 """Loading the 16-channel autoencoder: BFL `ae.safetensors`, Diffusers `vae/` folders, SAI single files.
 
-LDM keys (BFL's `ae.safetensors`, SAI's `first_stage_model.*`, ComfyUI's `vae.*`) are ours. Diffusers
-renames them (FORMATS.md 4.1): `down.{l}.block` -> `down_blocks.{l}.resnets`, `nin_shortcut` ->
+LDM keys (BFL's `ae.safetensors`, SAI's `first_stage_model.*`, ComfyUI's `vae.*`) are ours (BFL flux
+`src/flux/modules/autoencoder.py`). Diffusers renames them (Diffusers `loaders/single_file_utils.py`
+`convert_ldm_vae_checkpoint`; docs/formats.md, "Autoencoder"): `down.{l}.block` -> `down_blocks.{l}.resnets`, `nin_shortcut` ->
 `conv_shortcut`, `mid.block_{1,2}` -> `mid_block.resnets.{0,1}`, `mid.attn_1.{norm,q,k,v,proj_out}` ->
 `mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}` (stored as linear [C, C] where LDM has
 1x1 convs [C, C, 1, 1]), `norm_out` -> `conv_norm_out`, and the decoder's `up.{b}` -> `up_blocks.{n-1-b}`
@@ -11,20 +12,17 @@ scale and shift come from `family`, checked against a Diffusers `config.json` wh
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from mmdit.autoencoder import AutoEncoder, AutoEncoderParams, preset
 
-from .files import Checkpoint, CheckpointError, load_state_dict_strict
-from .mapping import KeyMap, block_count
+from .files import AUTOENCODER_PREFIXES, Checkpoint, CheckpointError, Shapes, load_state_dict_strict, read_config
+from .mapping import KeyMap
 
-PREFIXES = ("first_stage_model.", "vae.")  # SAI single files; ComfyUI all-in-one files
 _W = r"(weight|bias)"
 _RES = rf"(norm1|conv1|norm2|conv2)\.{_W}"
 _MID = r"(encoder|decoder)\.mid_block"
@@ -55,20 +53,15 @@ def diffusers_to_ldm(n_levels: int) -> KeyMap:
     return KeyMap(renames)
 
 
-def params_from_shapes(shapes: Mapping[str, list[int]], family: str) -> AutoEncoderParams:
+def params_from_shapes(shape: Shapes, family: str) -> AutoEncoderParams:
     """The config implied by the shapes of the LDM keys, with the family's latent factors."""
-    def get(k):
-        if k not in shapes:
-            raise CheckpointError(f"autoencoder checkpoint lacks key {k!r}")
-        return shapes[k]
-
-    ch, in_channels = get("encoder.conv_in.weight")[:2]
-    n_levels = block_count(shapes, r"encoder\.down\.(\d+)\.")
+    ch, in_channels = shape["encoder.conv_in.weight"][:2]
+    n_levels = shape.count_blocks(r"encoder\.down\.(\d+)\.")
     return preset(
         family, ch=ch, in_channels=in_channels,
-        ch_mult=tuple(get(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(n_levels)),
-        num_res_blocks=block_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
-        z_channels=get("decoder.conv_in.weight")[1], out_ch=get("decoder.conv_out.weight")[0],
+        ch_mult=tuple(shape[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(n_levels)),
+        num_res_blocks=shape.count_blocks(r"encoder\.down\.0\.block\.(\d+)\."),
+        z_channels=shape["decoder.conv_in.weight"][1], out_ch=shape["decoder.conv_out.weight"][0],
     )
 
 
@@ -76,22 +69,17 @@ def _open(path: Path) -> tuple[Checkpoint, dict | None]:
     """The autoencoder's tensors (prefix removed) and the Diffusers config.json when it is a folder."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    config = None
-    if path.is_dir():
-        if (path / "vae").is_dir():  # a Diffusers repo folder
-            path = path / "vae"
-        if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
-        if (path / "diffusion_pytorch_model.safetensors").is_file():  # not the .fp16 variant beside it
-            path = path / "diffusion_pytorch_model.safetensors"
+    if (path / "vae").is_dir():  # a Diffusers repo folder
+        path = path / "vae"
+    config = read_config(path / "config.json")  # None beside a single file
+    if (path / "diffusion_pytorch_model.safetensors").is_file():  # not the .fp16 variant beside it
+        path = path / "diffusion_pytorch_model.safetensors"
     ckpt = Checkpoint.open(path)
-    for prefix in PREFIXES:
-        if any(k.startswith(prefix) for k in ckpt):
-            ckpt = ckpt.with_prefix(prefix)
-            break
+    ckpt = ckpt.part(AUTOENCODER_PREFIXES) or ckpt
     if not any(k.startswith(("encoder.", "decoder.")) for k in ckpt):
         raise CheckpointError(
-            f"{path}: holds no autoencoder weights (no encoder.*/decoder.* keys, bare or under {', '.join(PREFIXES)})"
+            f"{path}: holds no autoencoder weights (no encoder.*/decoder.* keys, bare or under "
+            f"{', '.join(AUTOENCODER_PREFIXES)})"
         )
     quant = [k for k in ckpt if k.startswith(("quant_conv.", "post_quant_conv."))]
     if quant:
@@ -104,11 +92,11 @@ def _open(path: Path) -> tuple[Checkpoint, dict | None]:
 
 def _check_config(config: dict, params: AutoEncoderParams, family: str, source: str) -> None:
     """A Diffusers config.json's latent factors must be the family's (the weights cannot tell FLUX from SD3)."""
-    for ours, theirs in (("scale_factor", "scaling_factor"), ("shift_factor", "shift_factor")):
-        if theirs in config and config[theirs] is not None and not math.isclose(config[theirs], getattr(params, ours)):
+    for theirs, ours in (("scaling_factor", params.scale_factor), ("shift_factor", params.shift_factor)):
+        if config.get(theirs) is not None and not math.isclose(config[theirs], ours):
             raise CheckpointError(
                 f"{source}: config.json has {theirs}={config[theirs]}, but family={family!r} uses "
-                f"{getattr(params, ours)}: pass the right family ('flux' or 'sd3')"
+                f"{ours}: pass the right family ('flux' or 'sd3')"
             )
 
 
@@ -126,16 +114,15 @@ def load_autoencoder(path, family: str = "flux", device="cpu", dtype: torch.dtyp
     dtype: defaults to the file's own."""
     path = Path(path)
     ckpt, config = _open(path)
-    source = str(path)
-    dtype = dtype or ckpt.storage_dtype()
-    if any(k.startswith("encoder.down_blocks.") for k in ckpt):
-        keymap = diffusers_to_ldm(block_count(ckpt, r"encoder\.down_blocks\.(\d+)\."))
-        shapes = {ours: ckpt.shape(srcs[0]) for ours, srcs in keymap.plan(ckpt).items()}
+    source, what = str(path), f"{path}: the autoencoder"
+    dtype = dtype or ckpt.load_dtype()
+    if any(k.startswith("encoder.down_blocks.") for k in ckpt):  # Diffusers names
+        keymap = diffusers_to_ldm(ckpt.shapes(what).count_blocks(r"encoder\.down_blocks\.(\d+)\."))
+        shape = Shapes({ours: ckpt.shape(srcs[0]) for ours, srcs in keymap.plan(ckpt).items()}, what)
         tensors = keymap.tensors(ckpt, dtype, device)
     else:
-        shapes = {k: ckpt.shape(k) for k in ckpt}
-        tensors = {k: (lambda k=k: ckpt.load(k, dtype, device)) for k in ckpt}
-    params = params_from_shapes(shapes, family)
+        shape, tensors = ckpt.shapes(what), ckpt.loaders(dtype, device)
+    params = params_from_shapes(shape, family)
     if config is not None:
         _check_config(config, params, family, source)
     attn = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")

@@ -1,9 +1,10 @@
-"""Reading and writing safetensors, with the checks every loader shares.
+"""Reading and writing safetensors and JSON configs, with the checks every loader shares.
 
 `Checkpoint` is a lazy, read-only view of one safetensors file, or of the shards of a sharded
 checkpoint: it knows every key's shape and dtype from the headers and reads one tensor at a time
 (safetensors memory-maps the file), so materializing a model needs about one copy of the weights.
 Nothing is ever unpickled: a file that is not safetensors is refused with a clear error.
+`write_atomic` is the one way this repository writes a file: whole or not at all.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -28,6 +32,19 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+FLOAT8_LOADS_AS = torch.bfloat16  # float8 weights are upcast at load unless a dtype is asked (docs/formats.md)
+
+# Where single files keep each part of a pipeline (SAI and ComfyUI files; Diffusers
+# `loaders/single_file_utils.py` `CHECKPOINT_KEY_NAMES`, `LDM_VAE_KEYS`; ComfyUI `comfy/supported_models.py`).
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+AUTOENCODER_PREFIXES = ("first_stage_model.", "vae.")
+BUNDLED_ENCODERS = {  # our encoder role -> its prefix in SAI `*_incl_clips*` and ComfyUI all-in-one files
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5": "text_encoders.t5xxl.transformer.",
+}
+# Parts of single files that never hold the transformer (older SD files: `cond_stage_model.`, `conditioner.`).
+NOT_TRANSFORMER = (*AUTOENCODER_PREFIXES, "text_encoders.", "cond_stage_model.", "conditioner.")
 
 
 class CheckpointError(ValueError):
@@ -60,36 +77,83 @@ def read_header(path: str | os.PathLike) -> dict:
     return header
 
 
+def read_config(path: str | os.PathLike) -> dict | None:
+    """A JSON config file (config.json, an index, a tokenizer config) as a dict; None if there is no such file.
+
+    Errors name the file: malformed JSON, or JSON that is not an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return config
+
+
+class Shapes(dict):
+    """{key: shape} of the tensors a config is read from; errors say what lacks a key or a block."""
+
+    def __init__(self, shapes: Mapping[str, list[int]], what: str):
+        super().__init__(shapes)
+        self.what = what  # e.g. "SD3 checkpoint", a file name
+
+    def __missing__(self, key: str):
+        raise CheckpointError(f"{self.what} lacks key {key!r}")
+
+    def block_indices(self, pattern: str) -> set[int]:
+        """The indices `pattern` (its one group: the index) finds at the start of the keys."""
+        return {int(m[1]) for k in self if (m := re.match(pattern, k))}
+
+    def count_blocks(self, pattern: str) -> int:
+        r"""How many blocks `pattern` (e.g. `double_blocks\.(\d+)\.`) finds; their indices must be 0..n-1."""
+        idx = self.block_indices(pattern)
+        if idx != set(range(len(idx))):
+            raise CheckpointError(f"{self.what}: block indices are not contiguous: {sorted(idx)} ({pattern})")
+        return len(idx)
+
+
+class Entry(NamedTuple):
+    """Where one tensor lies: its file, the absolute byte offset of its data, its shape and stored dtype."""
+
+    file: Path
+    offset: int
+    shape: list[int]
+    dtype: torch.dtype
+
+
 class Checkpoint(Mapping):
     """Lazy view of safetensors files: `ckpt[key]` reads one tensor; `shape(key)`, `dtype(key)` read nothing.
 
     ComfyUI "scaled fp8" files are dequantized transparently: their `scaled_fp8` marker and the
     `<layer>.scale_weight` / `.scale_input` tensors are not keys of the view, and loading
-    `<layer>.weight` gives `W_fp8 * scale_weight` (FORMATS.md 1.6).
+    `<layer>.weight` gives `W_fp8 * scale_weight` (docs/formats.md, "fp8 and scaled fp8").
     """
 
     def __init__(self, files: Iterable[str | os.PathLike], _entries: dict | None = None, metadata=None, _scales=None):
         self.files = [Path(f) for f in files]
         self.metadata: dict[str, str] = dict(metadata or {})
-        self._scales: dict[str, tuple] = _scales or {}  # weight key -> entry of its scale_weight
+        self._scales: dict[str, Entry] = _scales or {}  # weight key -> its scale_weight
         if _entries is not None:
-            self._entries = _entries
+            self._entries: dict[str, Entry] = _entries
             return
-        # key -> (file, absolute byte offset, shape, dtype)
-        self._entries: dict[str, tuple[Path, int, list[int], torch.dtype]] = {}
+        self._entries = {}
         for f in self.files:
             header = read_header(f)
             start = header.pop("__data_start__")
             self.metadata.update(header.pop("__metadata__", None) or {})
             for name, info in header.items():
                 if name in self._entries:
-                    raise CheckpointError(f"{f}: key {name!r} also appears in {self._entries[name][0]}")
+                    raise CheckpointError(f"{f}: key {name!r} also appears in {self._entries[name].file}")
                 if info["dtype"] not in _DTYPES:
                     raise CheckpointError(f"{f}: key {name!r} has unsupported dtype {info['dtype']}")
                 dtype, (begin, end) = _DTYPES[info["dtype"]], info["data_offsets"]
                 if end - begin != math.prod(info["shape"]) * dtype.itemsize:
                     raise CheckpointError(f"{f}: key {name!r}: data size does not match shape {info['shape']}")
-                self._entries[name] = (f, start + begin, list(info["shape"]), dtype)
+                self._entries[name] = Entry(f, start + begin, list(info["shape"]), dtype)
         for k in [k for k in self._entries if k.endswith(("scaled_fp8", ".scale_weight", ".scale_input"))]:
             entry = self._entries.pop(k)
             if k.endswith(".scale_weight"):
@@ -111,7 +175,9 @@ class Checkpoint(Mapping):
             else:
                 return cls(files)
         if path.name.endswith(".index.json"):
-            index = json.loads(path.read_text())
+            index = read_config(path)
+            if index is None:
+                raise CheckpointError(f"{path}: no such file")
             shards = sorted(set(index.get("weight_map", {}).values()))
             if not shards:
                 raise CheckpointError(f"{path}: index has no weight_map")
@@ -135,10 +201,14 @@ class Checkpoint(Mapping):
         return key in self._entries
 
     def shape(self, key: str) -> list[int]:
-        return self._entries[key][2]
+        return self._entries[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._entries[key][3]
+        return self._entries[key].dtype
+
+    def shapes(self, what: str) -> Shapes:
+        """{key: shape} of every tensor (nothing is read); a missing key is an error naming `what`."""
+        return Shapes({k: e.shape for k, e in self._entries.items()}, what)
 
     def load(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
         """One tensor, cast (float8 is upcast) and moved; nothing else of the file is held.
@@ -149,8 +219,12 @@ class Checkpoint(Mapping):
         """
         if key in self._scales:  # scaled fp8: W = W_fp8 * scale_weight, computed in fp32
             w = _read(self._entries[key], torch.float32, "cpu") * _read(self._scales[key], torch.float32, "cpu")
-            return w.to(device=device, dtype=dtype or torch.bfloat16)
+            return w.to(device=device, dtype=dtype or FLOAT8_LOADS_AS)
         return _read(self._entries[key], dtype, device)
+
+    def loaders(self, dtype: torch.dtype | None = None, device="cpu") -> dict[str, Callable[[], torch.Tensor]]:
+        """{key: a zero-argument `load` of it} for every tensor: lazy input for `load_state_dict_strict`."""
+        return {k: partial(self.load, k, dtype, device) for k in self._entries}
 
     def with_prefix(self, prefix: str) -> Checkpoint:
         """The keys under `prefix`, with the prefix removed (a view, nothing is read)."""
@@ -164,20 +238,27 @@ class Checkpoint(Mapping):
         entries = {k: v for k, v in self._entries.items() if not k.startswith(prefixes)}
         return Checkpoint(self.files, _entries=entries, metadata=self.metadata, _scales=self._scales)
 
+    def part(self, prefixes: Iterable[str]) -> Checkpoint | None:
+        """The keys under the first of `prefixes` that some key has, prefix removed; None if no key has any."""
+        prefix = next((p for p in prefixes if any(k.startswith(p) for k in self._entries)), None)
+        return None if prefix is None else self.with_prefix(prefix)
+
     def storage_dtype(self) -> torch.dtype:
         """The most common floating dtype among the tensors (what the file 'is')."""
         counts: dict[torch.dtype, int] = {}
-        for _, _, shape, dt in self._entries.values():
-            if dt.is_floating_point:
-                n = 1
-                for s in shape:
-                    n *= s
-                counts[dt] = counts.get(dt, 0) + n
+        for e in self._entries.values():
+            if e.dtype.is_floating_point:
+                counts[e.dtype] = counts.get(e.dtype, 0) + math.prod(e.shape)
         return max(counts, key=counts.get) if counts else torch.float32
 
+    def load_dtype(self) -> torch.dtype:
+        """The dtype loaders default to: the storage dtype, float8 upcast to bfloat16."""
+        dtype = self.storage_dtype()
+        return FLOAT8_LOADS_AS if dtype in FLOAT8 else dtype
 
-def _read(entry: tuple, dtype: torch.dtype | None, device) -> torch.Tensor:
-    """Read one tensor entry (file, offset, shape, dtype): see `Checkpoint.load`."""
+
+def _read(entry: Entry, dtype: torch.dtype | None, device) -> torch.Tensor:
+    """Read one tensor: see `Checkpoint.load`."""
     file, offset, shape, stored = entry
     n = math.prod(shape) * stored.itemsize
     if n == 0:
@@ -228,17 +309,26 @@ def load_state_dict_strict(
     module.load_state_dict(out, strict=True, assign=True)
 
 
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written file."""
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """`write(tmp)` on a temporary file beside `path`, then rename it to `path`: never a half-written file.
+
+    The folder is created if needed; if `write` fails, the temporary file is removed and `path` is
+    left as it was. `write` must write to the name it is given (not infer a format from its suffix).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
+    """Save `tensors` (moved to the CPU, made contiguous) with string `metadata`, through `write_atomic`."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()}))

@@ -1,19 +1,24 @@
-"""FLUX layouts: the config a BFL checkpoint implies, and the Diffusers -> BFL key map.
+"""FLUX.1 layouts: the config a BFL checkpoint implies, and the Diffusers -> BFL key map.
 
-BFL keys are ours. Diffusers splits the fused projections (`qkv` into `to_q/to_k/to_v`, the
-single block's `linear1` into `to_q/to_k/to_v/proj_mlp`) and stores the final adaLN as
-(scale, shift) where BFL has (shift, scale). Facts: ../shared/FORMATS.md sections 1-2.
+BFL keys are ours (BFL flux `src/flux/model.py`). Diffusers splits the fused projections (`qkv` into
+`to_q/to_k/to_v`, the single block's `linear1` into `to_q/to_k/to_v/proj_mlp`) and stores the final
+adaLN as (scale, shift) where BFL has (shift, scale): Diffusers `loaders/single_file_utils.py`
+(`convert_flux_transformer_checkpoint_to_diffusers`), explained in docs/formats.md.
+A family's layout module: the names are listed in convert/families.py.
 """
 
 from __future__ import annotations
 
 from mmdit.flux import PRESETS, FluxParams
 
-from .files import CheckpointError
-from .mapping import KeyMap, block_count
+from .files import Checkpoint
+from .mapping import KeyMap
 
-PROBE_BFL = "double_blocks.0.img_attn.qkv.weight"
-PROBE_DIFFUSERS = "single_transformer_blocks.0.attn.to_q.weight"
+NATIVE = "bfl"
+NATIVE_PROBE = "double_blocks.0.img_attn.qkv.weight"
+DIFFUSERS_CLASS = "FluxTransformer2DModel"
+DIFFUSERS_PROBE = "single_transformer_blocks.0.attn.to_q.weight"
+DIFFUSERS_TEXT_ENCODERS = {"text_encoder": "clip_l", "text_encoder_2": "t5"}  # Diffusers `FluxPipeline`
 
 _B = r"transformer_blocks\.(\d+)\."
 _S = r"single_transformer_blocks\.(\d+)\."
@@ -58,28 +63,29 @@ DIFFUSERS_TO_BFL = KeyMap(
 )
 
 
-def params_from_bfl(ckpt) -> FluxParams:
-    """The config implied by BFL keys and shapes (axes_dim: (16, 56, 56) scaled to the head dim)."""
-    def shape(k):
-        if k not in ckpt:
-            raise CheckpointError(f"FLUX checkpoint lacks key {k!r}")
-        return ckpt.shape(k)
+def diffusers_keymap(params: FluxParams) -> KeyMap:
+    """Diffusers `FluxTransformer2DModel` keys -> BFL keys (the same rules for every size)."""
+    return DIFFUSERS_TO_BFL
 
-    hidden, in_ch = shape("img_in.weight")
-    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+
+def params_from_native(ckpt: Checkpoint) -> FluxParams:
+    """The config implied by BFL keys and shapes (axes_dim: (16, 56, 56) scaled to the head dim)."""
+    shape = ckpt.shapes("FLUX checkpoint")
+    hidden, in_ch = shape["img_in.weight"]
+    head_dim = shape["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     return FluxParams(
         in_channels=in_ch,
-        out_channels=shape("final_layer.linear.weight")[0],
-        vec_in_dim=shape("vector_in.in_layer.weight")[1],
-        context_in_dim=shape("txt_in.weight")[1],
+        out_channels=shape["final_layer.linear.weight"][0],
+        vec_in_dim=shape["vector_in.in_layer.weight"][1],
+        context_in_dim=shape["txt_in.weight"][1],
         hidden_size=hidden,
-        mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
+        mlp_ratio=shape["double_blocks.0.img_mlp.0.weight"][0] / hidden,
         num_heads=hidden // head_dim,
-        depth=block_count(ckpt, r"double_blocks\.(\d+)\."),
-        depth_single_blocks=block_count(ckpt, r"single_blocks\.(\d+)\."),
+        depth=shape.count_blocks(r"double_blocks\.(\d+)\."),
+        depth_single_blocks=shape.count_blocks(r"single_blocks\.(\d+)\."),
         axes_dim=default_axes(head_dim),
-        qkv_bias="double_blocks.0.img_attn.qkv.bias" in ckpt,
-        guidance_embed="guidance_in.in_layer.weight" in ckpt,
+        qkv_bias="double_blocks.0.img_attn.qkv.bias" in shape,
+        guidance_embed="guidance_in.in_layer.weight" in shape,
     )
 
 
@@ -93,6 +99,7 @@ def default_axes(head_dim: int) -> tuple[int, int, int]:
 
 
 def params_from_diffusers_config(cfg: dict) -> FluxParams:
+    """`FluxTransformer2DModel`'s config.json -> FluxParams (defaults: Diffusers' own)."""
     heads, hd = cfg.get("num_attention_heads", 24), cfg.get("attention_head_dim", 128)
     in_ch = cfg.get("in_channels", 64)
     return FluxParams(
@@ -110,6 +117,8 @@ def params_from_diffusers_config(cfg: dict) -> FluxParams:
 
 
 def variant_name(p: FluxParams) -> str:
+    """The preset's name, else what the shapes suggest (Fill and Depth/Canny by their input width, as Diffusers
+    `loaders/single_file_utils.py` `infer_diffusers_model_type` tells them apart)."""
     for name, preset in PRESETS.items():
         if p == preset:
             return name

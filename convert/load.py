@@ -2,16 +2,15 @@
 
 Layouts read: BFL single files (bare keys or `model.diffusion_model.`), SAI single files
 (`model.diffusion_model.`, bundled `text_encoders.*` / `first_stage_model.*` left for their own
-loaders), and Diffusers-format transformer folders (`config.json` + safetensors, sharded or not).
-The model is built on the meta device and materialized straight into the requested dtype and
-device with a strict, key-by-key load.
+loaders), and Diffusers-format transformer folders (`config.json` + safetensors, sharded or not);
+each family's layouts are described by its module in convert/families.py. The model is built on
+the meta device and materialized straight into the requested dtype and device with a strict,
+key-by-key load.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,43 +18,22 @@ import torch
 
 from mmdit import build_model
 
-from . import flux as flux_fmt
-from . import sd3 as sd3_fmt
-from .files import FLOAT8, Checkpoint, CheckpointError, load_state_dict_strict
+from .families import FAMILIES
+from .files import (
+    NOT_TRANSFORMER,
+    TRANSFORMER_PREFIXES,
+    Checkpoint,
+    CheckpointError,
+    load_state_dict_strict,
+    read_config,
+)
 from .mapping import KeyMap
-
-
-@dataclass(frozen=True)
-class Family:
-    """How to recognize one family's layouts and read its config (the native layout's keys are ours)."""
-
-    family: str
-    native: str  # "bfl" | "sai"
-    probe_native: str  # a key only the native layout has
-    params_from_native: Callable
-    diffusers_class: str
-    probe_diffusers: str
-    params_from_diffusers_config: Callable
-    diffusers_keymap: Callable[[object], KeyMap]
-    variant_name: Callable[[object], str]
-
-
-FAMILIES = [
-    Family("flux", "bfl", flux_fmt.PROBE_BFL, flux_fmt.params_from_bfl, "FluxTransformer2DModel", flux_fmt.PROBE_DIFFUSERS,
-           flux_fmt.params_from_diffusers_config, lambda p: flux_fmt.DIFFUSERS_TO_BFL, flux_fmt.variant_name),
-    Family("sd3", "sai", sd3_fmt.PROBE_SAI, sd3_fmt.params_from_sai, "SD3Transformer2DModel", sd3_fmt.PROBE_DIFFUSERS,
-           sd3_fmt.params_from_diffusers_config, sd3_fmt.diffusers_to_sai, sd3_fmt.variant_name),
-]
-
-# Prefixes under which single files carry the transformer, and the parts that belong to other loaders.
-MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-OTHER_PARTS = ("text_encoders.", "first_stage_model.", "vae.", "cond_stage_model.", "conditioner.")
 
 
 @dataclass
 class Detected:
-    family: str  # "flux" | "sd3"
-    layout: str  # "bfl" | "sai" | "diffusers"
+    family: str  # a key of FAMILIES: "flux" | "sd3"
+    layout: str  # the family's NATIVE ("bfl" | "sai") or "diffusers"
     variant: str
     params: object  # FluxParams | SD3Params
     ckpt: Checkpoint  # the transformer's keys, prefix removed
@@ -70,60 +48,42 @@ class Detected:
     def num_params(self) -> int:
         return sum(math.prod(self.ckpt.shape(k)) for k in self.ckpt)
 
-    def build(self) -> torch.nn.Module:
-        return build_model(self.params)
-
-
-def _transformer_folder(path: Path) -> Path:
-    """A Diffusers repo folder -> its `transformer/`; a transformer folder stays."""
-    if (path / "transformer").is_dir():
-        return path / "transformer"
-    return path
-
 
 def detect_transformer(path) -> Detected:
+    """What the transformer in `path` is: a single file, a Diffusers `transformer/` folder or its repo folder."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    config = None
-    if path.is_dir():
-        path = _transformer_folder(path)
-        if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
-    ckpt = Checkpoint.open(path)
+    if (path / "transformer").is_dir():  # a Diffusers repo folder
+        path = path / "transformer"
+    config = read_config(path / "config.json")  # None beside a single file
     src = str(path)
-
-    for prefix in MODEL_PREFIXES:
-        if any(k.startswith(prefix) for k in ckpt):
-            ckpt = ckpt.with_prefix(prefix)
-            break
-    else:
-        ckpt = ckpt.without_prefixes(OTHER_PARTS)
+    ckpt = Checkpoint.open(path)
+    ckpt = ckpt.part(TRANSFORMER_PREFIXES) or ckpt.without_prefixes(NOT_TRANSFORMER)
     if not len(ckpt):
-        raise CheckpointError(f"{src}: holds no transformer weights (only {', '.join(OTHER_PARTS)} parts?)")
+        raise CheckpointError(f"{src}: holds no transformer weights (only {', '.join(NOT_TRANSFORMER)} parts?)")
 
     cls = (config or {}).get("_class_name", "")
-    for f in FAMILIES:
-        if f.probe_native in ckpt:
-            p = f.params_from_native(ckpt)
-            return Detected(f.family, f.native, f.variant_name(p), p, ckpt, None, src)
-        if cls == f.diffusers_class or f.probe_diffusers in ckpt:
+    for family, layout in FAMILIES.items():
+        if layout.NATIVE_PROBE in ckpt:
+            p = _params(layout.params_from_native, ckpt, src)
+            return Detected(family, layout.NATIVE, layout.variant_name(p), p, ckpt, None, src)
+        if cls == layout.DIFFUSERS_CLASS or layout.DIFFUSERS_PROBE in ckpt:
             if config is None:
-                raise CheckpointError(f"{src}: Diffusers-layout {f.family} weights need the folder's config.json beside them")
-            p = f.params_from_diffusers_config(config)
-            return Detected(f.family, "diffusers", f.variant_name(p), p, ckpt, f.diffusers_keymap(p), src)
+                raise CheckpointError(f"{src}: Diffusers-layout {family} weights need the folder's config.json beside them")
+            p = _params(layout.params_from_diffusers_config, config, src)
+            return Detected(family, "diffusers", layout.variant_name(p), p, ckpt, layout.diffusers_keymap(p), src)
+    known = ", ".join(f"{family} ({layout.NATIVE} or Diffusers)" for family, layout in FAMILIES.items())
     first = ", ".join(list(ckpt)[:3])
-    raise CheckpointError(
-        f"{src}: unsupported layout: not a FLUX (BFL or Diffusers) or SD3 (SAI or Diffusers) transformer; "
-        f"first keys: {first}"
-    )
+    raise CheckpointError(f"{src}: unsupported layout: not a transformer of {known}; first keys: {first}")
 
 
-def _ours(d: Detected, dtype: torch.dtype, device) -> dict:
-    """Lazy loaders of our state dict."""
-    if d.keymap is not None:
-        return d.keymap.tensors(d.ckpt, dtype, device)
-    return {k: (lambda k=k: d.ckpt.load(k, dtype, device)) for k in d.ckpt}
+def _params(read, arg, src: str):
+    """`read(arg)` (a family's params reader), its errors prefixed with the file's name."""
+    try:
+        return read(arg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{src}: {e}") from None
 
 
 def load_transformer(path, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -132,12 +92,10 @@ def load_transformer(path, device="cpu", dtype: torch.dtype | None = None) -> to
     dtype: defaults to the file's own (float8 files are upcast to bfloat16).
     """
     d = detect_transformer(path)
-    if dtype is None:
-        dtype = d.storage_dtype
-        if dtype in FLOAT8:
-            dtype = torch.bfloat16
+    dtype = dtype or d.ckpt.load_dtype()
+    tensors = d.ckpt.loaders(dtype, device) if d.keymap is None else d.keymap.tensors(d.ckpt, dtype, device)
     with torch.device("meta"):
-        model = d.build()
-    load_state_dict_strict(model, _ours(d, dtype, device), f"{d.family} transformer ({d.variant})", d.source)
+        model = build_model(d.params)
+    load_state_dict_strict(model, tensors, f"{d.family} transformer ({d.variant})", d.source)
     model.variant = d.variant
     return model.eval().requires_grad_(False)

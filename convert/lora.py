@@ -20,12 +20,14 @@ import re
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from mmdit.lora import adapter_names, adapters, wrap_linear
 
+from .families import FAMILIES
 from .files import Checkpoint, CheckpointError, save_safetensors_atomic
 from .lora_formats import (
     ENCODER_ROLES,
@@ -40,21 +42,16 @@ from .mapping import KeyMap, swap_halves
 
 
 def diffusers_keymap(model: nn.Module) -> KeyMap:
-    """The Diffusers -> ours key map of the model's family."""
+    """The Diffusers -> ours key map of the model's family (convert/families.py)."""
     family = getattr(model, "family", None)
-    if family == "flux":
-        from .flux import DIFFUSERS_TO_BFL
-
-        return DIFFUSERS_TO_BFL
-    if family == "sd3":
-        from .sd3 import diffusers_to_sai
-
-        return diffusers_to_sai(model.params)
-    raise TypeError(f"LoRA files apply to FLUX or SD3 models, not {type(model).__name__}")
+    if family not in FAMILIES:
+        raise TypeError(f"LoRA files apply to transformers of {', '.join(FAMILIES)}, not {type(model).__name__}")
+    return FAMILIES[family].diffusers_keymap(model.params)
 
 
 def _describe(model: nn.Module) -> str:
-    return f"this {getattr(model, 'variant', None) or getattr(model, 'family', None) or type(model).__name__} model"
+    """How messages name a transformer: its variant when load_transformer set one, else its family."""
+    return f"this {getattr(model, 'variant', None) or model.family} model"
 
 
 def _check(model: nn.Module, p: Piece, source: str, what: str) -> tuple[int, int]:
@@ -71,8 +68,17 @@ def _check(model: nn.Module, p: Piece, source: str, what: str) -> tuple[int, int
     return p.target.offset, n_out
 
 
-def _stack(model: nn.Module, pieces: list[Piece], source: str, what: str) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """One Linear's pieces as one LoRA: A (R, in), B (length, R) over rows [offset, offset+length), scale."""
+class Stacked(NamedTuple):
+    """One Linear's pieces as one adapter on its rows [offset, offset + length)."""
+
+    A: torch.Tensor  # (R, in): the pieces' down matrices, concatenated
+    B: torch.Tensor  # (length, R): their up matrices, block-diagonal
+    scale: float
+    offset: int
+
+
+def _stack(model: nn.Module, pieces: list[Piece], source: str, what: str) -> Stacked:
+    """One Linear's pieces as one adapter (exact: the stacked product is the sum of the pieces')."""
     rows = [_check(model, p, source, what) for p in pieces]
     lo, hi = min(o for o, _ in rows), max(o + n for o, n in rows)
     scale = pieces[0].scale
@@ -83,7 +89,7 @@ def _stack(model: nn.Module, pieces: list[Piece], source: str, what: str) -> tup
         up = p.up.float() * (p.scale / scale)  # one scale per adapter: fold any other into B
         B[o - lo : o - lo + n, col : col + up.shape[1]] = swap_halves(up) if p.target.swap else up
         col += up.shape[1]
-    return A, B, scale, lo
+    return Stacked(A, B, scale, lo)
 
 
 def _open(model: nn.Module, path: Path, name: str | None, family: str, what: str) -> tuple[str, Checkpoint]:
@@ -119,12 +125,12 @@ def _add(
     for p in pieces:
         by_module.setdefault(p.target.module, []).append(p)
     stacked = {mod: _stack(model, ps, source, what) for mod, ps in by_module.items()}  # every check before any change
-    for mod, (A, B, s, offset) in stacked.items():
-        layer = wrap_linear(model, mod)
-        a = layer.add(name, A.shape[0], s * A.shape[0], (offset, B.shape[0]))
+    for mod, s in stacked.items():
+        rank = s.A.shape[0]
+        a = wrap_linear(model, mod).add(name, rank, s.scale * rank, (s.offset, s.B.shape[0]))  # alpha = scale * rank
         with torch.no_grad():
-            a.lora_A.copy_(A)
-            a.lora_B.copy_(B)
+            a.lora_A.copy_(s.A)
+            a.lora_B.copy_(s.B)
         a.strength = float(scale)
         a.refresh()
 
@@ -140,10 +146,11 @@ def load_lora(
     `sampling.load_pipeline_lora` load them. Returns the adapter name.
     """
     path = Path(path)
+    keymap = diffusers_keymap(model)
     what = _describe(model)
-    name, ckpt = _open(model, path, name, getattr(model, "family", None), what)
+    name, ckpt = _open(model, path, name, model.family, what)
     tensors = {k: ckpt.load(k) for k in ckpt}
-    pieces, unmatched, skipped = read_pieces(tensors, ckpt.metadata, model, diffusers_keymap(model), str(path))
+    pieces, unmatched, skipped = read_pieces(tensors, ckpt.metadata, model, keymap, str(path))
     if skipped:
         warnings.warn(f"{path}: {len(skipped)} text-encoder LoRA key(s) are not applied to the transformer, "
                       f"first: {skipped[0]!r} (load them with sampling.load_pipeline_lora)")

@@ -1,7 +1,7 @@
 """The LoRA file formats in use for FLUX and SD3.5, read into one form: `Piece`s on our Linears.
 
-Facts: ../shared/FORMATS.md section 7. Every format is a set of (module, down, up, alpha) triples;
-what differs is the module naming, the tensor names, and where alpha comes from:
+Every format is a set of (module, down, up, alpha) triples; what differs is the module naming, the
+tensor names, and where alpha comes from (docs/formats.md, "LoRA formats", gives the sources):
 
 | format | keys | scale (before the user's strength) |
 |---|---|---|
@@ -40,23 +40,18 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .files import CheckpointError
+from .families import FAMILIES
+from .files import BUNDLED_ENCODERS, TRANSFORMER_PREFIXES, CheckpointError
 from .mapping import KeyMap
 
+# Keys of text-encoder parts, whichever the format: Diffusers, ComfyUI, kohya
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "text_encoders.", "lora_te")
-ENCODER_ROLES = ("clip_l", "clip_g", "t5")
-# Diffusers' pipeline components -> our encoder roles, per family
-DIFFUSERS_TEXT_ENCODERS = {
-    "flux": {"text_encoder": "clip_l", "text_encoder_2": "t5"},
-    "sd3": {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5"},
-}
-# the other layouts' text-encoder key prefixes -> (role, format), the same for both families
+ENCODER_ROLES = tuple(BUNDLED_ENCODERS)  # clip_l, clip_g, t5
+# the non-Diffusers text-encoder key prefixes -> (role, format), the same for every family
 TEXT_ENCODER_KEYS = {
     "lora_te_": ("clip_l", "kohya"), "lora_te1_": ("clip_l", "kohya"), "lora_te2_": ("clip_g", "kohya"),
-    "lora_te3_": ("t5", "kohya"), "text_encoders.clip_l.transformer.": ("clip_l", "comfyui"),
-    "text_encoders.clip_g.transformer.": ("clip_g", "comfyui"), "text_encoders.t5xxl.transformer.": ("t5", "comfyui"),
+    "lora_te3_": ("t5", "kohya"), **{prefix: (role, "comfyui") for role, prefix in BUNDLED_ENCODERS.items()},
 }
-MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 # tensor suffix -> role (down = A (r, in), up = B (out, r))
 _ROLES = {
@@ -108,9 +103,9 @@ def _examples(pattern: str, n: int) -> list[str]:
     return [s for s in map("".join, itertools.product(*options)) if re.fullmatch(pattern, s)]
 
 
-def block_count(names) -> int:
-    """1 + the largest block index in module names: enough indices to expand the patterns."""
-    return 1 + max((int(i) for name in names for i in re.findall(r"\.(\d+)\.", name)), default=0)
+def _index_bound(names) -> int:
+    """1 + the largest block index (`double_blocks.N.`, ...) in module names: the indices to expand patterns with."""
+    return 1 + max((int(m[1]) for name in names if (m := re.match(r"[^.]+\.(\d+)\.", name))), default=0)
 
 
 def diffusers_targets(model: nn.Module, keymap: KeyMap) -> dict[str, Target]:
@@ -120,7 +115,7 @@ def diffusers_targets(model: nn.Module, keymap: KeyMap) -> dict[str, Target]:
     (FLUX's `proj_mlp` in `linear1`).
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    n = block_count(linears)
+    n = _index_bound(linears)
     rules = [(p, r, None) for p, r in keymap.renames] + list(keymap.fused)
     out: dict[str, Target] = {}
     for pat, rep, part in rules:
@@ -204,7 +199,7 @@ def strip_prefix(fmt: str, key: str) -> str | None:
     """The key without its format's prefix; None for keys of other components (text encoders)."""
     if key.startswith(TEXT_ENCODER_PREFIXES):
         return None
-    prefixes = {"diffusers": ("transformer.",), "kohya": ("lora_unet_",)}.get(fmt, MODEL_PREFIXES)
+    prefixes = {"diffusers": ("transformer.",), "kohya": ("lora_unet_",)}.get(fmt, TRANSFORMER_PREFIXES)
     return next((key[len(p):] for p in prefixes if key.startswith(p)), key)
 
 
@@ -216,7 +211,7 @@ def model_targets(fmt: str, model: nn.Module, keymap: KeyMap) -> dict[str, Targe
     if fmt == "kohya":
         return {n.replace(".", "_"): Target(n) for n in linears}
     if fmt == "xlabs":
-        n = block_count(linears)
+        n = _index_bound(linears)
         return {
             name: Target(ours, 0, 3 * linears[ours].in_features if qkv_only else None)
             for pat, rep, qkv_only in XLABS for name in _examples(pat, n) if (ours := re.sub(pat, rep, name)) in linears
@@ -275,9 +270,9 @@ def module_pieces(
 
 def text_encoder_prefixes(family: str) -> dict[str, tuple[str, str]]:
     """{text-encoder key prefix: (our encoder role, format)} of the family's LoRA files."""
-    if family not in DIFFUSERS_TEXT_ENCODERS:
-        raise ValueError(f"text-encoder LoRAs are for the flux and sd3 families, not {family!r}")
-    diffusers = {f"{c}.": (role, "diffusers") for c, role in DIFFUSERS_TEXT_ENCODERS[family].items()}
+    if family not in FAMILIES:
+        raise ValueError(f"text-encoder LoRAs are for the families {', '.join(FAMILIES)}, not {family!r}")
+    diffusers = {f"{c}.": (role, "diffusers") for c, role in FAMILIES[family].DIFFUSERS_TEXT_ENCODERS.items()}
     return diffusers | TEXT_ENCODER_KEYS
 
 

@@ -11,20 +11,12 @@ Every source key must match a rule: the error names the first that does not.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .files import CheckpointError
-
-
-def block_count(keys, pattern: str) -> int:
-    """How many blocks `pattern` (one group: the index) finds in `keys`; indices must be 0..n-1."""
-    idx = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    if idx and idx != set(range(len(idx))):
-        raise CheckpointError(f"block indices are not contiguous: {sorted(idx)} ({pattern})")
-    return len(idx)
+from .files import Checkpoint, CheckpointError
 
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -61,18 +53,14 @@ class KeyMap:
             out[ours] = [p[i] for i in range(len(p))]
         return out
 
-    def tensors(self, ckpt, dtype=None, device="cpu") -> dict[str, Callable[[], torch.Tensor]]:
-        """Lazy loaders of our tensors from `ckpt` (a `Checkpoint` or any mapping of tensors)."""
+    def tensors(self, ckpt: Checkpoint, dtype=None, device="cpu") -> dict[str, Callable[[], torch.Tensor]]:
+        """Lazy loaders of our tensors from `ckpt`, for `load_state_dict_strict`."""
         def loader(ours, srcs):
             def load():
-                ts = [ckpt.load(s, dtype, device) if hasattr(ckpt, "load") else ckpt[s] for s in srcs]
+                ts = [ckpt.load(s, dtype, device) for s in srcs]
                 t = ts[0] if len(ts) == 1 else torch.cat(ts, dim=0)
                 if any(re.fullmatch(p, ours) for p in self.swap):
                     t = swap_halves(t)
                 return t
             return load
-        return {ours: loader(ours, srcs) for ours, srcs in self.plan(list(ckpt)).items()}
-
-    def convert(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Eager form, for small state dicts (LoRA files, tests)."""
-        return {k: f() for k, f in self.tensors(sd).items()}
+        return {ours: loader(ours, srcs) for ours, srcs in self.plan(ckpt).items()}

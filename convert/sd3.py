@@ -1,57 +1,56 @@
 """SD3 / SD3.5 layouts: the config an SAI checkpoint implies, and the Diffusers -> SAI key map.
 
-SAI keys are ours. Diffusers splits the fused `qkv` into `to_q/to_k/to_v` (image) and
-`add_q_proj/...` (text), renames the rest, and stores two adaLNs as (scale, shift) where SAI has
-(shift, scale): the final layer's and the last block's pre-only context adaLN (both are Diffusers'
-`AdaLayerNormContinuous`). Facts: ../shared/FORMATS.md sections 3.2, 3.3 and 3.5.
+SAI keys are ours (SAI sd3.5 `mmditx.py`). Diffusers splits the fused `qkv` into `to_q/to_k/to_v`
+(image) and `add_q_proj/...` (text), renames the rest, and stores two adaLNs as (scale, shift) where
+SAI has (shift, scale): the final layer's and the last block's pre-only context adaLN (both are
+Diffusers' `AdaLayerNormContinuous`). Diffusers `loaders/single_file_utils.py`
+(`convert_sd3_transformer_checkpoint_to_diffusers`), explained in docs/formats.md.
+A family's layout module: the names are listed in convert/families.py.
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 from mmdit.sd3 import PRESETS, SD3Params
 
-from .files import CheckpointError
-from .mapping import KeyMap, block_count
+from .files import Checkpoint, CheckpointError
+from .mapping import KeyMap
 
-PROBE_SAI = "joint_blocks.0.context_block.attn.qkv.weight"
-PROBE_DIFFUSERS = "pos_embed.pos_embed"  # FLUX's Diffusers layout has no position table
+NATIVE = "sai"
+NATIVE_PROBE = "joint_blocks.0.context_block.attn.qkv.weight"
+DIFFUSERS_CLASS = "SD3Transformer2DModel"
+DIFFUSERS_PROBE = "pos_embed.pos_embed"  # FLUX's Diffusers layout has no position table
+# Diffusers `StableDiffusion3Pipeline` folders -> our encoder roles
+DIFFUSERS_TEXT_ENCODERS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5"}
 
 _B = r"transformer_blocks\.(\d+)\."
 _J = r"joint_blocks.\1."
 _W = r"(weight|bias)"
 
 
-def params_from_sai(ckpt) -> SD3Params:
+def params_from_native(ckpt: Checkpoint) -> SD3Params:
     """The config implied by SAI keys and shapes (head dim: the qk-norm width, else SAI's 64)."""
-    def shape(k):
-        try:
-            return ckpt.shape(k)
-        except KeyError:
-            raise CheckpointError(f"SD3 checkpoint lacks key {k!r}") from None
-
-    hidden, in_ch, patch, _ = shape("x_embedder.proj.weight")
-    n_pos = shape("pos_embed")[1]
+    shape = ckpt.shapes("SD3 checkpoint")
+    hidden, in_ch, patch, _ = shape["x_embedder.proj.weight"]
+    n_pos = shape["pos_embed"][1]
     table = math.isqrt(n_pos)
     if table * table != n_pos:
         raise CheckpointError(f"SD3 checkpoint: pos_embed has {n_pos} positions, not a square table")
-    keys = set(ckpt)  # names only: a Mapping's `in` reads the tensor
-    qk_norm = "joint_blocks.0.x_block.attn.ln_q.weight" in keys
-    head_dim = shape("joint_blocks.0.x_block.attn.ln_q.weight")[0] if qk_norm else 64
-    attn2 = {int(m[1]) for k in keys if (m := re.fullmatch(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight", k))}
+    qk_norm = "joint_blocks.0.x_block.attn.ln_q.weight" in shape
+    head_dim = shape["joint_blocks.0.x_block.attn.ln_q.weight"][0] if qk_norm else 64
+    attn2 = shape.block_indices(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight")  # MMDiT-X blocks
     return SD3Params(
-        depth=block_count(keys, r"joint_blocks\.(\d+)\."),
+        depth=shape.count_blocks(r"joint_blocks\.(\d+)\."),
         hidden_size=hidden,
         num_heads=hidden // head_dim,
         patch_size=patch,
         in_channels=in_ch,
-        out_channels=shape("final_layer.linear.weight")[0] // patch**2,
+        out_channels=shape["final_layer.linear.weight"][0] // patch**2,
         pos_embed_max_size=table,
-        adm_in_channels=shape("y_embedder.mlp.0.weight")[1],
-        context_in_dim=shape("context_embedder.weight")[1],
-        mlp_ratio=shape("joint_blocks.0.x_block.mlp.fc1.weight")[0] / hidden,
+        adm_in_channels=shape["y_embedder.mlp.0.weight"][1],
+        context_in_dim=shape["context_embedder.weight"][1],
+        mlp_ratio=shape["joint_blocks.0.x_block.mlp.fc1.weight"][0] / hidden,
         qk_norm=qk_norm,
         x_block_self_attn_layers=tuple(sorted(attn2)),
     )
@@ -84,6 +83,7 @@ def params_from_diffusers_config(cfg: dict) -> SD3Params:
 
 
 def variant_name(p: SD3Params) -> str:
+    """The preset's name, else the preset the layout is like (SD3.5 Large and Large Turbo share one layout)."""
     for name, preset in PRESETS.items():
         if p == preset:
             return name
@@ -92,7 +92,7 @@ def variant_name(p: SD3Params) -> str:
     return "sd3.5-large-like (custom size)" if p.qk_norm else "sd3-medium-like (custom size)"
 
 
-def diffusers_to_sai(p: SD3Params) -> KeyMap:
+def diffusers_keymap(p: SD3Params) -> KeyMap:
     """Diffusers `SD3Transformer2DModel` keys -> SAI keys (the last block's index comes from p)."""
     return KeyMap(
         renames=[

@@ -1,7 +1,7 @@
 """Detect and load the text encoders: CLIP-L, OpenCLIP bigG and T5-XXL, from any of their official layouts.
 
 What an encoder is, and its config, come from its keys and shapes (and the folder's config.json when
-there is one), never from a file name. Layouts read (facts: ../shared/FORMATS.md section 5):
+there is one), never from a file name. Layouts read (docs/formats.md, "Text encoders"):
 - Hugging Face folders (`text_encoder*/`: config.json + safetensors, sharded or not);
 - SAI single files `clip_l.safetensors` (no `text_projection`), `clip_g.safetensors`,
   `t5xxl_fp16.safetensors` / `t5xxl_fp8_e4m3fn.safetensors` (float8 is upcast at load);
@@ -16,8 +16,6 @@ The model is built on the meta device and filled tensor by tensor with a strict 
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 from mmdit.clip import ACTIVATIONS, CLIPConfig, CLIPTextEncoder
 from mmdit.t5 import T5Config, T5Encoder
 
-from .files import FLOAT8, Checkpoint, CheckpointError, load_state_dict_strict
+from .files import Checkpoint, CheckpointError, Shapes, load_state_dict_strict, read_config
 from .mapping import KeyMap
 
 # layout -> a key every checkpoint of it has; what precedes it in a file is the encoder's prefix
@@ -93,7 +91,8 @@ def _source(ckpt: Checkpoint, layout: str, dtype: torch.dtype, device) -> tuple[
 
 
 def _open_clip_source(ckpt: Checkpoint, dtype: torch.dtype, device) -> tuple[dict[str, Loader], dict[str, list]]:
-    """open_clip -> our keys (FORMATS.md 5.2): `in_proj` rows are q, k, v; `text_projection` is used as `x @ P`."""
+    """open_clip -> our keys: `in_proj` rows are q, k, v; `text_projection` is used as `x @ P` (Diffusers
+    `loaders/single_file_utils.py` `convert_open_clip_checkpoint`)."""
     loaders, shapes = {}, {}
     for ours, (src,) in OPEN_CLIP.plan([k for k in ckpt if not k.startswith(VISION)]).items():
         if ours in IGNORED:
@@ -113,38 +112,27 @@ def _open_clip_source(ckpt: Checkpoint, dtype: torch.dtype, device) -> tuple[dic
     return loaders, shapes
 
 
-def _shape(shapes: dict[str, list], key: str, source: str) -> list:
-    if key not in shapes:
-        raise CheckpointError(f"{source}: missing key {key!r}")
-    return shapes[key]
-
-
-def _num_layers(shapes: dict[str, list], pattern: str) -> int:
-    indices = {int(m[1]) for k in shapes if (m := re.match(pattern, k))}
-    return max(indices) + 1 if indices else 0
-
-
-def t5_config(shapes: dict[str, list], config: dict | None, source: str) -> T5Config:
+def t5_config(shape: Shapes, config: dict | None, source: str) -> T5Config:
     """T5's config from the tensor shapes; config.json, when present, gives what shapes cannot (distance, eps)."""
     config = config or {}
     if config.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
         raise CheckpointError(
             f"{source}: feed_forward_proj {config['feed_forward_proj']!r}: only T5 v1.1's gated-gelu is supported"
         )
-    vocab, d_model = _shape(shapes, "shared.weight", source)
-    buckets, heads = _shape(shapes, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", source)
-    inner = _shape(shapes, "encoder.block.0.layer.0.SelfAttention.q.weight", source)[0]
+    vocab, d_model = shape["shared.weight"]
+    buckets, heads = shape["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    inner = shape["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
     return T5Config(
         vocab_size=vocab, d_model=d_model, d_kv=config.get("d_kv", inner // heads), num_heads=heads,
-        d_ff=_shape(shapes, "encoder.block.0.layer.1.DenseReluDense.wi_0.weight", source)[0],
-        num_layers=_num_layers(shapes, r"encoder\.block\.(\d+)\."), num_buckets=buckets,
+        d_ff=shape["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
+        num_layers=shape.count_blocks(r"encoder\.block\.(\d+)\."), num_buckets=buckets,
         max_distance=config.get("relative_attention_max_distance", 128), eps=config.get("layer_norm_epsilon", 1e-6),
     )
 
 
-def clip_config(shapes: dict[str, list], config: dict | None, source: str) -> CLIPConfig:
+def clip_config(shape: Shapes, config: dict | None, source: str) -> CLIPConfig:
     """CLIP's config from the tensor shapes; heads and activation from config.json, else from the width."""
-    vocab, width = _shape(shapes, "text_model.embeddings.token_embedding.weight", source)
+    vocab, width = shape["text_model.embeddings.token_embedding.weight"]
     if config is not None:
         act, heads = config.get("hidden_act", "quick_gelu"), config.get("num_attention_heads", width // 64)
     elif width in ACT_BY_WIDTH:
@@ -156,12 +144,12 @@ def clip_config(shapes: dict[str, list], config: dict | None, source: str) -> CL
         )
     if act not in ACTIVATIONS:
         raise CheckpointError(f"{source}: unsupported CLIP activation {act!r}")
-    proj = shapes.get("text_projection.weight")
+    proj = shape.get("text_projection.weight")
     return CLIPConfig(
         vocab_size=vocab, width=width, heads=heads, act=act,
-        max_positions=_shape(shapes, "text_model.embeddings.position_embedding.weight", source)[0],
-        layers=_num_layers(shapes, r"text_model\.encoder\.layers\.(\d+)\."),
-        mlp_dim=_shape(shapes, "text_model.encoder.layers.0.mlp.fc1.weight", source)[0],
+        max_positions=shape["text_model.embeddings.position_embedding.weight"][0],
+        layers=shape.count_blocks(r"text_model\.encoder\.layers\.(\d+)\."),
+        mlp_dim=shape["text_model.encoder.layers.0.mlp.fc1.weight"][0],
         projection_dim=proj[0] if proj else None, eps=config.get("layer_norm_eps", 1e-5) if config else 1e-5,
     )
 
@@ -177,9 +165,7 @@ def load_text_encoder(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    config = None
-    if path.is_dir() and (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+    config = read_config(path / "config.json")  # None beside a single file
     ckpt, source = Checkpoint.open(path), str(path)
 
     found = find_encoders(ckpt)
@@ -196,11 +182,9 @@ def load_text_encoder(
     if prefix:
         source += f" [{prefix}]"
 
-    if dtype is None:
-        dtype = ckpt.storage_dtype()
-        if dtype in FLOAT8:
-            dtype = torch.bfloat16
+    dtype = dtype or ckpt.load_dtype()
     loaders, shapes = _source(ckpt, layout, dtype, device)
+    shapes = Shapes(shapes, source)
     if layout == "t5":
         cfg = t5_config(shapes, config, source)
         what, build = "T5 encoder", T5Encoder

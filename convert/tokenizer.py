@@ -1,4 +1,4 @@
-"""Loading a prompt tokenizer from a Diffusers-format `tokenizer*/` folder (FORMATS.md 5.5).
+"""Loading a prompt tokenizer from a Diffusers-format `tokenizer*/` folder (docs/formats.md, "Text encoders").
 
 CLIP folders hold `vocab.json` + `merges.txt`; their pad token comes from `tokenizer_config.json` or
 `special_tokens_map.json` (`<|endoftext|>` for CLIP-L and FLUX, `!` for SD3's `tokenizer_2`).
@@ -8,19 +8,16 @@ The length is `max_length`, else the folder's `model_max_length`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mmdit.tokenizer import CLIP_EOS, CLIPTokenizer, T5Tokenizer
 
+from .files import read_config
+
 
 def _config(folder: Path) -> dict:
     """tokenizer_config.json over special_tokens_map.json (either may be absent)."""
-    out = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (folder / name).is_file():
-            out.update(json.loads((folder / name).read_text(encoding="utf-8")))
-    return out
+    return (read_config(folder / "special_tokens_map.json") or {}) | (read_config(folder / "tokenizer_config.json") or {})
 
 
 def _content(token) -> str | None:
@@ -66,6 +63,5 @@ def load_tokenizer(path, max_length: int | None = None) -> CLIPTokenizer | T5Tok
 
 
 def _is_unigram(f: Path) -> bool:
-    if f.suffix != ".json":
-        return False
-    return json.loads(f.read_text(encoding="utf-8")).get("model", {}).get("type") == "Unigram"
+    """A `tokenizer.json` of a unigram model (T5's)."""
+    return f.suffix == ".json" and read_config(f).get("model", {}).get("type") == "Unigram"

@@ -1,7 +1,7 @@
 """The autoencoder against Diffusers' `AutoencoderKL` (test-only oracle) on a tiny random config.
 
-Same weights, saved in the LDM layout (BFL `ae.safetensors` style, converted here from FORMATS.md 4.1 and
-checked against Diffusers' own LDM converter), as `first_stage_model.*` in a single file, and as a
+Same weights, saved in the LDM layout (BFL `ae.safetensors` style, converted here by the test's own rules and
+checked against Diffusers' own LDM converter, `loaders/single_file_utils.py` `convert_ldm_vae_checkpoint`), as `first_stage_model.*` in a single file, and as a
 Diffusers folder (`save_pretrained`); encode (posterior mean, scaled) and decode match within 1e-4.
 """
 
@@ -37,7 +37,7 @@ def diffusers_vae(family: str, seed: int = 0):
 
 
 def ldm_from_diffusers(sd: dict[str, torch.Tensor], n_levels: int) -> dict[str, torch.Tensor]:
-    """FORMATS.md 4.1, Diffusers -> LDM (`ae.safetensors`): the test's own conversion."""
+    """Diffusers -> LDM (`ae.safetensors`): the test's own conversion (docs/formats.md, "Autoencoder")."""
     def up(m):  # the decoder's levels are numbered the other way round
         return n_levels - 1 - int(m[1])
 

@@ -7,7 +7,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convert.files import Checkpoint, CheckpointError, load_state_dict_strict, read_header, save_safetensors_atomic
+from convert.files import (
+    Checkpoint,
+    CheckpointError,
+    Shapes,
+    load_state_dict_strict,
+    read_config,
+    read_header,
+    save_safetensors_atomic,
+    write_atomic,
+)
 
 
 @pytest.fixture
@@ -32,6 +41,8 @@ def test_lazy_view_and_prefixes(ckpt_path, monkeypatch):
     monkeypatch.undo()
     view = ckpt.with_prefix("model.diffusion_model.")
     assert sorted(view) == ["a.weight", "b"]
+    assert sorted(ckpt.part(["diffusion_model.", "model.diffusion_model."])) == ["a.weight", "b"]  # first found
+    assert ckpt.part(["first_stage_model."]) is None
     assert sorted(ckpt.without_prefixes(["vae."])) == ["model.diffusion_model.a.weight", "model.diffusion_model.b"]
     assert torch.equal(view.load("a.weight"), torch.arange(12.0).reshape(3, 4))
     assert view.load("b", torch.float32).dtype == torch.float32
@@ -97,3 +108,58 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
         save_safetensors_atomic({"a": torch.zeros(2)}, tmp_path / "out.safetensors")
     assert (tmp_path / "out.safetensors").read_bytes() == good
     assert os.listdir(tmp_path) == ["out.safetensors"]
+
+
+def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "new" / "notes.txt"  # the folder is created
+
+    def write(text):
+        def to(tmp):
+            assert os.path.dirname(tmp) == str(target.parent) and tmp != str(target)  # beside, never in place
+            with open(tmp, "w") as f:
+                f.write(text)
+        return to
+
+    write_atomic(target, write("first"))
+    assert target.read_text() == "first"
+
+    def fails(tmp):
+        write("half")(tmp)
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_atomic(target, fails)
+    assert target.read_text() == "first" and os.listdir(target.parent) == ["notes.txt"]
+    write_atomic(target, write("second"))
+    assert target.read_text() == "second" and os.listdir(target.parent) == ["notes.txt"]
+
+
+def test_read_config_names_the_file(tmp_path):
+    assert read_config(tmp_path / "config.json") is None  # absent: None, for the optional config.json
+    (tmp_path / "config.json").write_text('{"num_layers": 2}')
+    assert read_config(tmp_path / "config.json") == {"num_layers": 2}
+    (tmp_path / "bad.json").write_text('{"num_layers": 2,')
+    with pytest.raises(CheckpointError, match=r"bad\.json: not valid JSON"):
+        read_config(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"list\.json: not a JSON object"):
+        read_config(tmp_path / "list.json")
+
+
+def test_shapes_name_what_lacks_a_key_or_a_block():
+    shape = Shapes({"blocks.0.w": [2], "blocks.1.w": [2], "blocks.3.w": [2], "other.w": [3]}, "my.safetensors")
+    assert shape["other.w"] == [3] and "nope" not in shape and shape.get("nope") is None
+    with pytest.raises(CheckpointError, match="my.safetensors lacks key 'nope'"):
+        shape["nope"]
+    assert shape.block_indices(r"blocks\.(\d+)\.") == {0, 1, 3}
+    assert Shapes({"b.0.w": [1], "b.1.w": [1]}, "x").count_blocks(r"b\.(\d+)\.") == 2
+    with pytest.raises(CheckpointError, match=r"my.safetensors: block indices are not contiguous: \[0, 1, 3\]"):
+        shape.count_blocks(r"blocks\.(\d+)\.")
+
+
+def test_float8_files_load_as_bfloat16(tmp_path):
+    save_file({"w": torch.ones(4, 4).to(torch.float8_e4m3fn), "b": torch.ones(4)}, tmp_path / "f8.safetensors")
+    ckpt = Checkpoint.open(tmp_path / "f8.safetensors")
+    assert ckpt.storage_dtype() == torch.float8_e4m3fn and ckpt.load_dtype() == torch.bfloat16
+    save_file({"w": torch.ones(4, 4, dtype=torch.float16)}, tmp_path / "f16.safetensors")
+    assert Checkpoint.open(tmp_path / "f16.safetensors").load_dtype() == torch.float16

@@ -132,8 +132,9 @@ def test_diffusers_file_matches_peft(flux, name):
     assert rel_err(base, flux.outs[name]) > 1e-2  # the LoRA changes the output
 
 
-# The same LoRAs in the other layouts, built here from the PEFT weights (FORMATS.md 7.2, 7.3). Where each
-# Diffusers Linear's rows live in ours is read off builders' BFL -> Diffusers conversion (FORMATS.md 2.1).
+# The same LoRAs in the other layouts, built here from the PEFT weights (docs/formats.md, "LoRA formats"). Where
+# each Diffusers Linear's rows live in ours is read off builders' BFL -> Diffusers conversion (Diffusers
+# `loaders/single_file_utils.py` `convert_flux_transformer_checkpoint_to_diffusers`).
 
 
 def bfl_rows() -> dict[str, tuple[str, torch.Tensor]]:

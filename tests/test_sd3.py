@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from builders import randomize_, rel_err
 from convert import CheckpointError, detect_transformer, load_transformer, save_safetensors_atomic
 from convert.__main__ import main as convert_cli
-from convert.files import Checkpoint
-from convert.sd3 import params_from_diffusers_config, params_from_sai, variant_name
+from convert.files import Checkpoint, Entry
+from convert.sd3 import params_from_diffusers_config, params_from_native, variant_name
 from mmdit.attention import as_temperature_matrix
 from mmdit.sd3 import PRESETS, SD3, SD3Params
 
@@ -218,8 +218,8 @@ def test_presets_from_full_size_shapes(name):
     """The full-size key and shape lists (built on the meta device, read as a header) and configs give the preset."""
     with torch.device("meta"):
         sd = SD3(PRESETS[name]).state_dict()
-    ckpt = Checkpoint([], _entries={k: (None, 0, list(v.shape), torch.bfloat16) for k, v in sd.items()})
-    assert params_from_sai(ckpt) == PRESETS[name] and variant_name(PRESETS[name]) == name
+    ckpt = Checkpoint([], _entries={k: Entry(None, 0, list(v.shape), torch.bfloat16) for k, v in sd.items()})
+    assert params_from_native(ckpt) == PRESETS[name] and variant_name(PRESETS[name]) == name
     cfg = dict(attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048, **OFFICIAL_CONFIGS[name])
     assert params_from_diffusers_config(cfg) == PRESETS[name]
     n_keys = {"sd3-medium": 491, "sd3.5-large": 923, "sd3.5-medium": 665}[name]  # FORMATS.md 3.2

@@ -153,7 +153,8 @@ def test_sai_clip_g_file_fp16(tmp_path, refs):
 
 
 def test_open_clip_layout(tmp_path, refs):
-    """FORMATS.md 5.2, in reverse: fused in_proj (rows q, k, v), text_projection used as x @ P, logit_scale.
+    """open_clip's layout (Diffusers `loaders/single_file_utils.py` `convert_open_clip_checkpoint`, in reverse):
+    fused in_proj (rows q, k, v), text_projection used as x @ P, logit_scale.
 
     Written under a prefix, with a (stub) vision tower as in a whole open_clip model, which is left out.
     """
@@ -289,7 +290,7 @@ def test_bad_input(tmp_path, refs):
     attempt(wrong, r"'text_model\.encoder\.layers\.1\.mlp\.fc1\.weight' has shape \[65, 768\].*expects \[64, 768\]")
     attempt(wrong, r"'text_model\.encoder\.layers\.1\.mlp\.fc1\.weight' has shape \[65, 768\].*\[64, 768\]")
     t5 = {k: v for k, v in t5_state(refs["t5"]).items() if "relative_attention_bias" not in k}
-    attempt(t5, r"missing key 'encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight'")
+    attempt(t5, r"lacks key 'encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight'")
     attempt({"foo.weight": torch.zeros(1)}, "no CLIP or T5 text encoder")
     attempt(on_disk(refs["small"]), "width 64 without a config.json")
     attempt(t5_state(refs["t5"]), "only T5 v1.1's gated-gelu", config={"feed_forward_proj": "relu"})
@@ -303,7 +304,7 @@ def test_skip_out_of_range():
 
 @pytest.mark.parametrize("preset", ["clip-l", "clip-g", "t5-v1.1-xxl"])
 def test_presets_have_the_reference_layout(preset):
-    """The full-size presets, built on the meta device: same keys and shapes as transformers' model (FORMATS.md 5)."""
+    """The full-size presets, built on the meta device: same keys and shapes as transformers' model."""
     hf_config = {
         "clip-l": CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
         "clip-g": CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
