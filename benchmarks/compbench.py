@@ -1,4 +1,4 @@
-"""A deterministic compositional evaluator for the scenes of training/scenes.py (no learned model).
+"""A deterministic compositional evaluator for the scenes of scripts/scenes.py (no learned model).
 
 For each object a prompt names, the evaluator looks for its color: every pixel is labelled with the
 nearest palette color (or the white background), if one is within `MAX_DISTANCE`, and the labels are
@@ -20,7 +20,7 @@ score 1.0 in every category (tests/test_compbench.py).
 
     python -m benchmarks.compbench [--model FOLDER] [--seeds 3] [--steps 20] [--taca 1.2 --taca-until 0.97] [--lora FILE]
 
-samples the held-out prompts of training/scenes.py with the model (default: the shipped tiny one)
+samples the held-out prompts of scripts/scenes.py with the model (default: the shipped tiny one)
 and prints the scores.
 """
 
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from training.scenes import BACKGROUND, COLORS, SHAPES, SIZE, draw_shape, heldout_prompts, parse
+from scripts.scenes import BACKGROUND, COLORS, SHAPES, SIZE, draw_shape, heldout_prompts, parse
 
 MAX_DISTANCE = 0.35  # RGB distance in [0, 1] units within which a pixel takes a palette color
 MIN_AREA = 12  # pixels (at 32x32) of the smallest region that counts as an object

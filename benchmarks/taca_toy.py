@@ -3,7 +3,7 @@ and places better in the shipped tiny model (assets/tiny-flux)?
 
     python -m benchmarks.taca_toy [--seeds 4] [--lora-steps 300] [--work runs/taca-toy]
 
-1. Writes the training scenes (training/scenes.py) and trains a TACA LoRA on them with the project's
+1. Writes the training scenes (scripts/scenes.py) and trains a TACA LoRA on them with the project's
    trainer, as the paper does: gamma 1.2 in the forward, t ~ U[0.97, 1] (rank 16 on the attention).
 2. Samples every held-out prompt (layouts never seen in training) with seeds 0..N-1 (the same initial
    noise for every setting), for gamma in {1.0, 1.1, 1.2, 1.3, 1.5} and TACA on while t >= until, until
@@ -31,7 +31,7 @@ from benchmarks.load_sd3 import machine
 from sampling import TacaSchedule, load_pipeline
 from sampling.cli import default_model
 from training import TrainConfig, train
-from training.scenes import heldout_prompts, write_dataset
+from scripts.scenes import heldout_prompts, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     best = max(rows, key=lambda r: r["all"])
     text = (
         f"{SECTION}\n\n"
-        f"The tiny model (assets/tiny-flux) on the {n} held-out prompts of training/scenes.py (layouts never "
+        f"The tiny model (assets/tiny-flux) on the {n} held-out prompts of scripts/scenes.py (layouts never "
         f"seen in training), {args.seeds} seeds each ({n * args.seeds} images per row, the same initial noise "
         "in every row), scored by benchmarks/compbench.py (T2I-CompBench's categories: mean per prompt). "
         f"TACA LoRA: rank 16 on the attention, {args.lora_steps} steps at gamma 1.2 on t in [0.97, 1] "

@@ -1,6 +1,6 @@
 """Build and train the tiny FLUX-architecture model shipped in assets/tiny-flux (the default of `mmdit sample`).
 
-    python -m training.tiny                # the recorded run: dataset, initial model, training, assets/tiny-flux
+    python -m scripts.train_tiny                # the recorded run: dataset, initial model, training, assets/tiny-flux
 
 Every part is the project's own code at toy size, in a Diffusers-style folder that `load_pipeline` reads:
 - `transformer/`: `mmdit.flux.Flux` (BFL keys), 48 input channels (2x2 patches of 12), no guidance
@@ -13,7 +13,7 @@ Every part is the project's own code at toy size, in a Diffusers-style folder th
   reaches the image through the joint attention only, exactly where TACA acts;
 - `vae/`: the weightless `PixelCodec` (mmdit/pixel_codec.py): 32x32 images are 12x16x16 latents.
 
-Data: training/scenes.py (the held-out layouts never appear). Everything is seeded; on another
+Data: scripts/scenes.py (the held-out layouts never appear). Everything is seeded; on another
 machine the same command gives the same data and, up to floating-point summation order, the same model.
 """
 
@@ -38,9 +38,8 @@ from mmdit.flux import Flux, FluxParams
 from mmdit.pixel_codec import PixelCodec
 from mmdit.t5 import T5Config, T5Encoder
 
-from . import scenes
-from .config import TrainConfig
-from .loop import train
+from scripts import scenes
+from training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets" / "tiny-flux"
@@ -184,7 +183,7 @@ def assemble(init: Path, trained: Path, out: Path, dtype: torch.dtype = torch.fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m training.tiny", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.train_tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "tiny", help="data, cache, checkpoints, log")
     ap.add_argument("--out", type=Path, default=ASSETS, help="the model folder written at the end")
     ap.add_argument("--steps", type=int, default=3000)

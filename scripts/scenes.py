@@ -11,7 +11,7 @@ color (benchmarks/compbench.py). "A to the left of B" and "B to the right of A" 
 layout: the held-out split holds out layouts (`layout_key`), both phrasings at once, so no held-out
 prompt describes a picture seen in training. Everything is a pure function of a seed.
 
-    python -m training.scenes OUT_DIR [--per-layout 8] [--per-object 40] [--seed 0]
+    python -m scripts.scenes OUT_DIR [--per-layout 8] [--per-object 40] [--seed 0]
 
 writes `OUT_DIR/train/NNNNN.png` + `.txt` (the format `mmdit train --data` reads) and
 `OUT_DIR/heldout.txt` (one held-out prompt per line).
@@ -213,7 +213,7 @@ def write_dataset(out: Path, per_layout: int = 8, per_object: int = 40, seed: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m training.scenes", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.scenes", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--per-layout", type=int, default=8, help="placements per training caption (default 8)")
     ap.add_argument("--per-object", type=int, default=40, help="single-object images per (color, shape) (default 40)")
