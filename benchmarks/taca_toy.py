@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,14 +26,13 @@ import torch
 
 import convert
 from benchmarks.compbench import CATEGORIES, evaluate
-from benchmarks.load_sd3 import machine
+from benchmarks.results import RESULTS, machine, write_section
 from sampling import TacaSchedule, load_pipeline
 from sampling.cli import default_model
 from training import TrainConfig, train
 from scripts.scenes import heldout_prompts, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## TACA in miniature (CPU)"
 GAMMAS = (1.0, 1.1, 1.2, 1.3, 1.5)
 UNTILS = (0.97, 0.9, 0.5)
@@ -88,14 +86,6 @@ def format_row(r: dict) -> str:
 def table(rows: list[dict]) -> str:
     head = "| gamma | TACA while t >= | TACA LoRA | color | shape | spatial | all |\n|---|---|---|---|---|---|---|\n"
     return head + "\n".join(format_row(r) for r in rows)
-
-
-def write_section(text: str) -> None:
-    """Replace this section of RESULTS.md (or append it), leaving the others alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> None:
