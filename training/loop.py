@@ -110,19 +110,19 @@ def load_data_and_model(
     """The cached pairs, and the transformer (`model`, else loaded from `cfg.model`). The pipeline's encoders
     are loaded only if some pair is not cached yet; its transformer is then kept, the rest freed."""
     dtype = getattr(torch, cfg.dtype)
-    pipelines = []  # the pipeline loaded for its encoders, if one was
+    pipe = None  # the pipeline, if its encoders were needed
 
     def load_encoders() -> Encoders:
-        if encoders is not None:
-            return encoders
-        pipelines.append(load_pipeline(cfg.model, device=device, dtype=dtype))
-        return encoders_from_pipeline(pipelines[0])
+        nonlocal pipe
+        pipe = load_pipeline(cfg.model, device=device, dtype=dtype)
+        return encoders_from_pipeline(pipe)
 
     tag = f"{cfg.model}|{cfg.dtype}"  # the encoders, in the cache keys
-    data = prepare(scan(cfg.data), cfg.cache_dir, cfg.resolution, cfg.buckets, tag, load_encoders)
-    if model is None and pipelines:
-        model = pipelines[0].transformer
-    pipelines.clear()  # the encoders go
+    data = prepare(scan(cfg.data), cfg.cache_dir, cfg.resolution, cfg.buckets, tag,
+                   load_encoders if encoders is None else lambda: encoders)
+    if model is None and pipe is not None:
+        model = pipe.transformer
+    pipe = None  # the encoders go
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
