@@ -28,7 +28,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.results import RESULTS, machine, write_section
+from benchmarks.results import machine, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Loading (CPU)"
@@ -174,7 +174,6 @@ def main() -> None:
         "",
     ])
     write_section(text)
-    print(f"wrote the section {SECTION!r} of {RESULTS}")
 
 
 if __name__ == "__main__":

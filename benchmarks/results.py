@@ -27,3 +27,4 @@ def write_section(text: str) -> None:
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.M | re.S)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     RESULTS.write_text(new)
+    print(f"wrote the section {heading!r} of {RESULTS}")

@@ -26,7 +26,7 @@ import torch
 
 import convert
 from benchmarks.compbench import CATEGORIES, evaluate
-from benchmarks.results import RESULTS, machine, write_section
+from benchmarks.results import machine, write_section
 from sampling import TacaSchedule, load_pipeline
 from sampling.cli import default_model
 from training import TrainConfig, train
@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if not args.dry_run:
         write_section(text)
-        print(f"wrote the section {SECTION!r} of {RESULTS}")
 
 
 if __name__ == "__main__":
