@@ -1,4 +1,4 @@
-"""A deterministic compositional evaluator for the scenes of training/scenes.py (no learned model).
+"""A deterministic compositional evaluator for the scenes of scripts/scenes.py (no learned model).
 
 For each object a prompt names, the evaluator looks for its color: every pixel is labelled with the
 nearest palette color (or the white background), if one is within `MAX_DISTANCE`, and the labels are
@@ -20,7 +20,7 @@ score 1.0 in every category (tests/test_compbench.py).
 
     python -m benchmarks.compbench [--model FOLDER] [--seeds 3] [--steps 20] [--taca 1.2 --taca-until 0.97] [--lora FILE]
 
-samples the held-out prompts of training/scenes.py with the model (default: the shipped tiny one)
+samples the held-out prompts of scripts/scenes.py with the model (default: the shipped tiny one)
 and prints the scores.
 """
 
@@ -29,13 +29,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from training.scenes import BACKGROUND, COLORS, SHAPES, SIZE, draw_shape, heldout_prompts, parse
+import convert
+from sampling import TacaSchedule, load_pipeline
+from sampling.cli import default_model
+from scripts.scenes import BACKGROUND, COLORS, SHAPES, SIZE, draw_shape, heldout_prompts, parse
 
 MAX_DISTANCE = 0.35  # RGB distance in [0, 1] units within which a pixel takes a palette color
 MIN_AREA = 12  # pixels (at 32x32) of the smallest region that counts as an object
@@ -67,9 +71,9 @@ def shape_of(pixels: list[tuple[int, int]]) -> str | None:
     region[torch.tensor(ys) - y0, torch.tensor(xs) - x0] = True
     best, best_iou = None, MIN_IOU
     for shape in SHAPES:
-        im = Image.new("1", (w, h))
+        im = Image.new("L", (w, h))
         draw_shape(ImageDraw.Draw(im), shape, (0, 0, w - 1, h - 1), 1)
-        template = torch.tensor(list(im.getdata()), dtype=torch.bool).view(h, w)
+        template = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(h, w).bool()
         iou = (region & template).sum().item() / (region | template).sum().item()
         if iou >= best_iou:
             best, best_iou = shape, iou
@@ -191,18 +195,13 @@ def format_scores(scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pathlib import Path
-
-    import convert
-    from sampling import TacaSchedule, load_pipeline
-    from sampling.cli import default_model
-
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compbench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model folder (default: the shipped tiny model)")
-    ap.add_argument("--seeds", type=int, default=3, help="images per prompt (seeds 0..N-1)")
+    ap.add_argument("--seeds", type=int, default=3, help="images per prompt, seeds 0..N-1 (default 3)")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    ap.add_argument("--taca", type=float, metavar="GAMMA")
-    ap.add_argument("--taca-until", type=float, default=0.97, metavar="T")
+    ap.add_argument("--taca", type=float, metavar="GAMMA", help="TACA temperature (default: none, plain attention)")
+    ap.add_argument("--taca-until", type=float, default=0.97, metavar="T",
+                    help="TACA while t >= T (default 0.97)")
     ap.add_argument("--lora", type=Path, help="a LoRA to apply (gated to the TACA steps when --taca is given)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Loading benchmark (CPU): a full-size SD3.5-Medium SAI single file, ours against Diffusers.
 
-    python benchmarks/load_sd3.py [--dir DIR] [--repeats N] [--tiny]
+    python -m benchmarks.load_sd3 [--dir DIR] [--repeats N] [--tiny]
 
 Writes a random-weight `sd3.5_medium`-shaped checkpoint (bf16, ~4.9 GB, SAI layout) into a
 temporary folder under DIR, then loads it in fresh subprocesses, alternating:
@@ -8,6 +8,9 @@ temporary folder under DIR, then loads it in fresh subprocesses, alternating:
 - Diffusers: `SD3Transformer2DModel.from_single_file(path, config=<local folder>, torch_dtype=bf16)`.
 Each child reports its load time and its peak RSS (VmHWM), and its RSS after imports. The figures go to
 the "Loading (CPU)" section of benchmarks/RESULTS.md (other sections are kept). The file is deleted.
+
+The child processes run this module too: torch, our loader and Diffusers are imported inside the
+functions that use them, so each child imports only the loader it measures.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.results import machine, write_section
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Loading (CPU)"
 PRESET = "sd3.5-medium"
-sys.path.insert(0, str(ROOT))
 
 
 def rss_kib(field: str) -> int:
@@ -86,33 +89,18 @@ def child(which: str, path: str, config_dir: str) -> None:
 
 
 def run_child(which: str, path: Path, config_dir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, str(path), str(config_dir)]
+    cmd = [sys.executable, "-m", "benchmarks.load_sd3", "--child", which, str(path), str(config_dir)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists() and (m := re.search(r"^model name\s*:\s*(.+)$", info.read_text(), re.M)):
-        cpu = m[1].strip()
-    mem = int(re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)[1]) / 2**20
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
-
-
-def write_section(text: str) -> None:
-    """Replace the section in RESULTS.md (or append it), leaving the others alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary checkpoint goes")
-    ap.add_argument("--repeats", type=int, default=2, help="loads per loader (alternating)")
-    ap.add_argument("--tiny", action="store_true", help="a tiny model of the same layout (smoke test, RESULTS.md untouched)")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.load_sd3", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default=tempfile.gettempdir(),
+                    help="where the temporary checkpoint goes (default: the system's temporary folder)")
+    ap.add_argument("--repeats", type=int, default=2, help="loads per loader, alternating (default 2)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a tiny model of the same layout (smoke test, RESULTS.md untouched)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -182,11 +170,10 @@ def main() -> None:
         "times vary from run to run)",
         f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}",
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Command: `{' '.join(['python', 'benchmarks/load_sd3.py', *sys.argv[1:]])}`",
+        f"- Command: `{' '.join(['python -m benchmarks.load_sd3', *sys.argv[1:]])}`",
         "",
     ])
     write_section(text)
-    print(f"wrote the section {SECTION!r} of {RESULTS}")
 
 
 if __name__ == "__main__":

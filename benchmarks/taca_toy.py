@@ -3,7 +3,7 @@ and places better in the shipped tiny model (assets/tiny-flux)?
 
     python -m benchmarks.taca_toy [--seeds 4] [--lora-steps 300] [--work runs/taca-toy]
 
-1. Writes the training scenes (training/scenes.py) and trains a TACA LoRA on them with the project's
+1. Writes the training scenes (scripts/scenes.py) and trains a TACA LoRA on them with the project's
    trainer, as the paper does: gamma 1.2 in the forward, t ~ U[0.97, 1] (rank 16 on the attention).
 2. Samples every held-out prompt (layouts never seen in training) with seeds 0..N-1 (the same initial
    noise for every setting), for gamma in {1.0, 1.1, 1.2, 1.3, 1.5} and TACA on while t >= until, until
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,14 +26,13 @@ import torch
 
 import convert
 from benchmarks.compbench import CATEGORIES, evaluate
-from benchmarks.load_sd3 import machine
+from benchmarks.results import machine, write_section
 from sampling import TacaSchedule, load_pipeline
 from sampling.cli import default_model
 from training import TrainConfig, train
-from training.scenes import heldout_prompts, write_dataset
+from scripts.scenes import heldout_prompts, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## TACA in miniature (CPU)"
 GAMMAS = (1.0, 1.1, 1.2, 1.3, 1.5)
 UNTILS = (0.97, 0.9, 0.5)
@@ -90,14 +88,6 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(format_row(r) for r in rows)
 
 
-def write_section(text: str) -> None:
-    """Replace this section of RESULTS.md (or append it), leaving the others alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.taca_toy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model folder (default: the shipped tiny model)")
@@ -121,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     best = max(rows, key=lambda r: r["all"])
     text = (
         f"{SECTION}\n\n"
-        f"The tiny model (assets/tiny-flux) on the {n} held-out prompts of training/scenes.py (layouts never "
+        f"The tiny model (assets/tiny-flux) on the {n} held-out prompts of scripts/scenes.py (layouts never "
         f"seen in training), {args.seeds} seeds each ({n * args.seeds} images per row, the same initial noise "
         "in every row), scored by benchmarks/compbench.py (T2I-CompBench's categories: mean per prompt). "
         f"TACA LoRA: rank 16 on the attention, {args.lora_steps} steps at gamma 1.2 on t in [0.97, 1] "
@@ -138,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if not args.dry_run:
         write_section(text)
-        print(f"wrote the section {SECTION!r} of {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from benchmarks.compbench import find, labels, largest_region, relation_holds, score, summarize
-from training.scenes import Obj, Scene, heldout_prompts, render, to_tensor, training_scenes
+from scripts.scenes import Obj, Scene, heldout_prompts, render, to_tensor, training_scenes
 
 
 def image(scene: Scene) -> torch.Tensor:

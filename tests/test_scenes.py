@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from training.scenes import (
+from scripts.scenes import (
     COLORS,
     Obj,
     Scene,

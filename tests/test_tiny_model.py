@@ -22,8 +22,8 @@ from sampling import load_pipeline
 from sampling.cli import DEFAULT_MODEL
 from sampling.pipeline import Defaults
 from training import train
-from training.scenes import SIZE, to_tensor, write_dataset
-from training.tiny import SAMPLING_DEFAULTS, TinySpec, tiny_train_config, write_model
+from scripts.scenes import SIZE, to_tensor, write_dataset
+from scripts.train_tiny import SAMPLING_DEFAULTS, TinySpec, tiny_train_config, write_model
 
 ROOT = Path(__file__).parent.parent
 PROMPT = "a red circle to the left of a blue square"

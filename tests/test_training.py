@@ -11,10 +11,14 @@ and the CLI end to end on a tiny Diffusers-format FLUX folder, whose cached late
 equal Diffusers' pipeline's.
 """
 
+import argparse
 import json
 import signal
 import socket
+import subprocess
+import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -22,9 +26,11 @@ import torch
 import torch.multiprocessing as mp
 from builders import TINY_FLUX, flux_state, rel_err
 from PIL import Image
+from pipeline_builders import tiny_flux_pipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_flux import diffusers_explicit_taca, diffusers_forward, reference
+from test_sd3 import CASES, sai_state, write_sai
 from training_builders import (
     CORRUPT,
     config_dict,
@@ -39,14 +45,12 @@ import convert
 from mmdit.lora import lora_parameters
 from training import TrainConfig, TrainingError, make_config, train
 from training.checkpoint import list_checkpoints
-from training.cli import main
+from training.cli import add_arguments, main
 from training.data import BatchSampler, Item, bucket_sizes, load_image, scan, target_size
 from training.loop import ADAPTER
-from training.loss import batch_temperature, draw, flow_matching_loss
+from training.loss import batch_temperature, flow_matching_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 
 def ckpt_names(output) -> list[str]:
@@ -119,7 +123,7 @@ def test_objective_matches_diffusers_with_taca(overfit):
     """The training loss with per-sample TACA (t on both sides of t_min) equals Diffusers + explicit TACA."""
     cfg, result = overfit
     x0, context, pooled = result.data.load([1, 0])
-    noise = torch.stack([draw(0, 7, j, tuple(x0.shape[1:]), "uniform", 0)[0] for j in range(2)])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
     t = torch.tensor([0.97, 0.4])  # gamma for the first sample only
     temp = batch_temperature(lambda s: cfg.taca_gamma if s >= cfg.t_min else None, t)
     assert temp.shape == (2, 1, 2, 2) and temp[0, 0, 1, 0] == cfg.taca_gamma and (temp[1] == 1).all()
@@ -245,8 +249,6 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path, base):
 
 def test_sd3_trains_with_per_sample_temperature(tmp_path):
     """SD3.5-Medium-like (no guidance input), t ~ U[0, 1] and t_min = 0.5: batches mix gamma and plain attention."""
-    from test_sd3 import CASES, sai_state, write_sai
-
     p = CASES["sd3.5-medium-like"]
     write_sai(tmp_path / "sd3.safetensors", sai_state(p), torch.float32)
     data = write_dataset(tmp_path / "data", n=2)
@@ -321,8 +323,6 @@ def test_manifest_and_config(tmp_path):
 
 def test_cli_end_to_end_on_a_pipeline_folder(tmp_path, caplog, capsys):
     """`python -m training` on a tiny Diffusers-format FLUX folder: the cache equals Diffusers' encodings; resume."""
-    from pipeline_builders import tiny_flux_pipeline
-
     pipe, folder = tiny_flux_pipeline(tmp_path)
     data = write_dataset(tmp_path / "data", n=2, size=(40, 32))
     out = tmp_path / "out"
@@ -357,3 +357,24 @@ def test_cli_end_to_end_on_a_pipeline_folder(tmp_path, caplog, capsys):
     assert "(0 encoded now" in caplog.text and "resumed from" in caplog.text
     assert [json.loads(s)["step"] for s in open(out / "log.jsonl")] == [1, 2, 3]
     convert.load_lora(convert.load_transformer(folder), out / "lora.safetensors")
+
+
+def test_every_flag_has_help_with_its_default():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
+    assert set(helps) == {f.name for f in fields(TrainConfig)} | {"config"} and all(helps.values())
+    assert helps["steps"].endswith("(default 1000)") and helps["lr"].endswith("(default 0.0001)")
+    assert helps["targets"].endswith("(default attn)") and helps["progress"].endswith("(default on)")
+    assert helps["buckets"].endswith("(default off)") and helps["model"].endswith("(required)")
+    for name in ("alpha", "cache", "device", "resume"):  # None: the help says what happens
+        assert "default" in helps[name]
+
+
+def test_training_imports_no_package_above_it():
+    """Layers: mmdit <- convert <- sampling <- training <- benchmarks, scripts (and the top-level cli)."""
+    code = "import json, sys, training, training.cli; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(run.stdout))
+    assert {"mmdit", "convert", "sampling", "training"} <= loaded
+    assert not {"benchmarks", "scripts", "cli", "tests"} & loaded

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from builders import TINY_FLUX, flux_state
 from PIL import Image
@@ -66,8 +67,6 @@ def tiny_config(model: Path, data: Path, output: Path, **kw) -> TrainConfig:
 
 def ddp_worker(rank: int, port: int, config: dict) -> None:
     """One of the processes of the 2-process test (gloo, 127.0.0.1); the cache is already written."""
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

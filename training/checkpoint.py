@@ -1,6 +1,6 @@
 """Training checkpoints in safetensors only (nothing is pickled), written atomically.
 
-One file `checkpoints/step-NNNNNNN.safetensors` holds the LoRA parameters (`lora.<parameter name>`)
+One file `checkpoints/step-NNNNNNN.safetensors` holds the trained parameters (`lora.<parameter name>`)
 and the optimizer's state tensors (`optimizer.<index>.exp_avg`, ...); the header holds, as JSON, the
 step, the optimizer's param groups and scalar state, and the run's config. The learning-rate
 schedule and every random draw are functions of the step and the seed (training/data.py), so the
@@ -9,7 +9,9 @@ step is the whole scheduler and RNG state: a resumed run repeats the uninterrupt
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -18,7 +20,13 @@ from torch import Tensor
 
 from convert.files import Checkpoint, CheckpointError, save_safetensors_atomic
 
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
 NAME = re.compile(r"step-(\d+)\.safetensors")
+# settings a resumed run may change without breaking the continuation
+RESUMABLE_CHANGES = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "device", "cache"}
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -32,7 +40,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    path: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, config_json: str
+    path: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, cfg: TrainConfig
 ) -> None:
     sd = optimizer.state_dict()
     tensors = {f"lora.{k}": v for k, v in params.items()}
@@ -46,13 +54,14 @@ def save_checkpoint(
     header = {
         "mmdit.step": str(step),
         "mmdit.optimizer": json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}),
-        "mmdit.config": config_json,
+        "mmdit.config": cfg.to_json(),
     }
     save_safetensors_atomic(tensors, path, header)
 
 
-def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Restore the LoRA parameters and the optimizer in place; returns (step, the saved config)."""
+def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> int:
+    """Restore the trained parameters and the optimizer in place; returns the checkpoint's step. Settings
+    changed since (other than `RESUMABLE_CHANGES`) get a warning: the run will not repeat an uninterrupted one."""
     ckpt = Checkpoint.open(path)
     if "mmdit.step" not in ckpt.metadata:
         raise CheckpointError(f"{path}: not a training checkpoint (no mmdit.step in its header)")
@@ -79,7 +88,27 @@ def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.opti
         state.setdefault(int(idx), {}).update(values)
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in opt["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    return int(ckpt.metadata["mmdit.step"]), json.loads(ckpt.metadata["mmdit.config"])
+
+    saved_cfg, now = json.loads(ckpt.metadata["mmdit.config"]), dataclasses.asdict(cfg)
+    changed = sorted(k for k, v in now.items() if saved_cfg.get(k, v) != v and k not in RESUMABLE_CHANGES)
+    if changed:
+        log.warning("resuming with changed settings %s: the run will not repeat an uninterrupted one", changed)
+    return int(ckpt.metadata["mmdit.step"])
+
+
+def resume(cfg: TrainConfig, folder: Path, params: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """The step to start from: 0, or with `cfg.resume` the step of the checkpoint restored in place
+    (the newest in `folder` for "latest", else the file named)."""
+    if cfg.resume is None:
+        return 0
+    existing = list_checkpoints(folder)
+    if cfg.resume == "latest" and not existing:
+        log.warning("no checkpoint in %s: starting from step 0", folder)
+        return 0
+    path = existing[-1] if cfg.resume == "latest" else Path(cfg.resume)
+    step = load_checkpoint(path, params, optimizer, cfg)
+    log.info("resumed from %s at step %d", path, step)
+    return step
 
 
 def prune(folder: Path, keep: int) -> None:

@@ -1,5 +1,6 @@
 """The settings of a training run: one dataclass, read from a TOML file and/or command-line flags.
 
+Every field is a flag of `mmdit train` (training/cli.py) with the field's help text and default.
 Precedence: the dataclass defaults, then the TOML file (`--config run.toml`, keys as the field
 names, dashes or underscores), then the flags given on the command line. The defaults follow the
 TACA paper (arXiv 2506.07986): a rank-16 LoRA on the attention projections, trained with the
@@ -19,42 +20,59 @@ MIXED_PRECISION = ("bf16", "no")
 TRAIN = ("lora", "full")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("bfloat16", "float16", "float32")
+REQUIRED = ("model", "data", "output")
+
+
+def setting(default, help: str):
+    """A field of `TrainConfig` with the help text of its flag."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    model: str = ""  # transformer source: file, folder or hub id (as `load_pipeline` takes it)
-    data: str = ""  # folder of images + same-name .txt captions, or a .jsonl manifest
-    output: str = ""  # lora.safetensors, log.jsonl, checkpoints/, cache/ (unless `cache` is set)
-    cache: str | None = None  # where latents and text embeddings are cached (default OUTPUT/cache)
-    steps: int = 1000
-    batch_size: int = 1  # global: summed over processes and accumulation micro-steps
-    grad_accum: int = 1
-    resolution: int = 512  # square side in pixels, or the bucket area resolution**2 with `buckets`
-    buckets: bool = False  # aspect-ratio buckets instead of the center-cropped square
-    rank: int = 16
-    alpha: float | None = None  # default: rank (scale 1)
-    targets: list[str] = field(default_factory=lambda: ["attn"])  # mmdit.lora target groups or regexes
-    dropout: float = 0.0  # LoRA dropout
-    train: str = "lora"  # lora: a TACA LoRA on the frozen model; full: every weight (training from scratch)
-    lr: float = 1e-4
-    warmup_steps: int = 0  # linear warm-up from 0, then `lr_schedule`
-    lr_schedule: str = "constant"  # constant, or cosine: down to 0 at the last step
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0  # 0: no clipping
-    taca_gamma: float = 1.2  # 1.0: plain attention (a LoRA without TACA)
-    t_min: float = 0.97  # TACA's window: gamma applies where t >= t_min, as at sampling
-    timesteps: str = "window"  # window: t ~ U[t_min, 1]; logit-normal: sigmoid(N(0, 1)); uniform: U[0, 1]
-    guidance: float = 3.5  # distilled guidance fed to guidance-embedded models (FLUX-dev); ignored otherwise
-    seed: int = 0
-    dtype: str = "bfloat16"  # of the frozen base weights; the LoRA trains in float32
-    mixed_precision: str = "bf16"  # autocast dtype of the forward ("no": the base dtype)
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2  # the newest N training checkpoints are kept
-    resume: str | None = None  # "latest" (in OUTPUT/checkpoints) or a checkpoint file
-    device: str | None = None  # default: cuda (this process's local rank) if available, else cpu
-    progress: bool = True
+    model: str = setting("", "model source, as for mmdit sample: Diffusers folder, official single file "
+                             "or hub repo id")
+    data: str = setting("", "folder of images with same-name .txt captions (searched recursively), "
+                            "or a .jsonl manifest of {image, caption}")
+    output: str = setting("", "folder for lora.safetensors, log.jsonl, checkpoints/ and cache/")
+    cache: str | None = setting(None, "folder of the cached latents and text embeddings (default OUTPUT/cache)")
+    steps: int = setting(1000, "optimizer steps")
+    batch_size: int = setting(1, "global batch: pairs per optimizer step, over all processes and micro-steps")
+    grad_accum: int = setting(1, "micro-steps per optimizer step, their gradients summed")
+    resolution: int = setting(512, "image side in pixels, a multiple of 16; with --buckets, the bucket area "
+                                   "is its square")
+    buckets: bool = setting(False, "aspect-ratio buckets instead of a center-cropped square")
+    rank: int = setting(16, "LoRA rank")
+    alpha: float | None = setting(None, "LoRA alpha (default: the rank, a scale of 1)")
+    targets: list[str] = setting(["attn"], "comma-separated LoRA targets: attn, mlp, mod (mmdit.lora) "
+                                           "or module regexes")
+    dropout: float = setting(0.0, "LoRA dropout")
+    train: str = setting("lora", "what trains: lora, a TACA LoRA on the frozen model; or full, every weight "
+                                 "(e.g. from a random init)")
+    lr: float = setting(1e-4, "AdamW learning rate")
+    warmup_steps: int = setting(0, "steps of linear warm-up from 0")
+    lr_schedule: str = setting("constant", "after the warm-up: constant, or cosine down to 0 at the last step")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm, 0 for none")
+    taca_gamma: float = setting(1.2, "TACA temperature of the image-to-text logits, paper: 1.2; 1 for plain attention")
+    t_min: float = setting(0.97, "TACA's window: gamma applies where t >= T_MIN, as at sampling; "
+                                 "paper: 0.97, model timestep 970")
+    timesteps: str = setting("window", "timestep sampling: window, t ~ U[t_min, 1]; logit-normal, "
+                                       "sigmoid(N(0, 1)); or uniform, U[0, 1]")
+    guidance: float = setting(3.5, "distilled guidance fed to guidance-embedded models (FLUX-dev); ignored by others")
+    seed: int = setting(0, "seed of the LoRA init, data order, noise and timesteps")
+    dtype: str = setting("bfloat16", "dtype of the frozen base weights: bfloat16, float16 or float32; "
+                                     "the LoRA trains in float32")
+    mixed_precision: str = setting("bf16", "autocast of the forward: bf16, or no for the base dtype")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward, for less memory")
+    checkpoint_every: int = setting(500, "steps between training checkpoints")
+    keep_checkpoints: int = setting(2, "the newest N training checkpoints are kept")
+    resume: str | None = setting(None, "continue from the newest checkpoint in OUTPUT/checkpoints (no value) "
+                                       "or the checkpoint file given (default: a new run)")
+    device: str | None = setting(None, "device (default: cuda, this process's local rank, if available, else cpu)")
+    progress: bool = setting(True, "progress bar")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "resolution", "rank", "checkpoint_every", "keep_checkpoints"):
@@ -98,7 +116,7 @@ def make_config(toml: str | Path | None = None, **flags) -> TrainConfig:
     """Defaults < TOML file < flags (flags set to None count as not given)."""
     values = read_toml(toml) if toml else {}
     values.update({k: v for k, v in flags.items() if v is not None})
-    missing = [k for k in ("model", "data", "output") if not values.get(k)]
+    missing = [k for k in REQUIRED if not values.get(k)]
     if missing:
         raise ValueError(f"no {', '.join(missing)} given (flags --{' --'.join(missing)} or the TOML file)")
     return TrainConfig(**values)

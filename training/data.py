@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageOps
@@ -162,6 +163,14 @@ def _unreadable(cached: Path) -> Path:
     return cached.with_suffix(".unreadable")
 
 
+class CachedBatch(NamedTuple):
+    """Cached pairs of one bucket, stacked."""
+
+    latents: Tensor  # (B, 16, h, w)
+    context: Tensor  # (B, L, D)
+    pooled: Tensor  # (B, P)
+
+
 @dataclass
 class CachedData:
     """The cached pairs: files and latent sizes (h, w); `skipped`: the images that could not be read."""
@@ -174,32 +183,33 @@ class CachedData:
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, indices: list[int], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
-        """(latents (B, 16, h, w), context (B, L, D), pooled (B, P)) of pairs of one bucket."""
+    def load(self, indices: list[int], device: torch.device | str = "cpu") -> CachedBatch:
         rows = [load_file(self.files[i]) for i in indices]
-        return tuple(torch.stack([r[k] for r in rows]).to(device) for k in ("latent", "context", "pooled"))
+        return CachedBatch(*(torch.stack([r[k] for r in rows]).to(device) for k in ("latent", "context", "pooled")))
 
 
-def _encode(pending: list[tuple[Item, Path]], resolution: int, buckets: bool, encoders: Encoders) -> None:
-    """Encode and write the pending pairs; unreadable images are skipped with a warning."""
-    images: dict[tuple[int, int], list[tuple[Item, Path, Tensor]]] = {}
-    for item, path in pending:
+def _encode(items: list[Item], files: list[Path], resolution: int, buckets: bool, encoders: Encoders) -> None:
+    """Encode the pairs and write each to its cache file; unreadable images are skipped with a warning."""
+    pixels: dict[int, Tensor] = {}  # index -> (3, H, W)
+    by_size: dict[tuple[int, int], list[int]] = {}  # (H, W) -> indices: images encoded together are one size
+    for i, item in enumerate(items):
         try:
-            x = load_image(item.image, resolution, buckets)
+            pixels[i] = load_image(item.image, resolution, buckets)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             warnings.warn(f"skipping unreadable image {item.image}: {e}")
-            save_safetensors_atomic({}, _unreadable(path), {"image": str(item.image), "error": str(e)})
+            save_safetensors_atomic({}, _unreadable(files[i]), {"image": str(item.image), "error": str(e)})
             continue
-        images.setdefault(tuple(x.shape[1:]), []).append((item, path, x))
+        by_size.setdefault(tuple(pixels[i].shape[1:]), []).append(i)
     with torch.no_grad():
-        for group in images.values():
+        for group in by_size.values():
             for start in range(0, len(group), ENCODE_BATCH):
                 chunk = group[start : start + ENCODE_BATCH]
-                latents = encoders.encode_images(torch.stack([x for _, _, x in chunk]))  # (b, 16, h, w)
-                context, pooled = encoders.encode_prompts([item.caption for item, _, _ in chunk])
-                for i, (item, path, _) in enumerate(chunk):
-                    tensors = {"latent": latents[i], "context": context[i], "pooled": pooled[i]}
-                    save_safetensors_atomic(tensors, path, {"image": str(item.image), "caption": item.caption})
+                latents = encoders.encode_images(torch.stack([pixels[i] for i in chunk]))  # (b, 16, h, w)
+                context, pooled = encoders.encode_prompts([items[i].caption for i in chunk])
+                for b, i in enumerate(chunk):
+                    tensors = {"latent": latents[b], "context": context[b], "pooled": pooled[b]}
+                    meta = {"image": str(items[i].image), "caption": items[i].caption}
+                    save_safetensors_atomic(tensors, files[i], meta)
 
 
 def prepare(
@@ -213,22 +223,21 @@ def prepare(
     """Cache what is not cached yet (encoders loaded only then, each process taking every n-th pair) and
     return the cached pairs. `tag` names the encoders (model source and dtype) in the cache keys."""
     cache_dir = Path(cache_dir)
-    paths = [cache_file(it, cache_dir, resolution, buckets, tag) for it in items]
-    known_bad = [it.image for it, p in zip(items, paths) if _unreadable(p).is_file()]
-    pending = [(it, p) for it, p in zip(items, paths) if not p.is_file() and not _unreadable(p).is_file()]
+    files = [cache_file(it, cache_dir, resolution, buckets, tag) for it in items]
+    known_bad = [it.image for it, f in zip(items, files) if _unreadable(f).is_file()]
+    pending = [i for i, f in enumerate(files) if not f.is_file() and not _unreadable(f).is_file()]
     dist.barrier()  # every process has seen the same pending list before any writes
     if known_bad and dist.rank() == 0:
         warnings.warn(f"skipping {len(known_bad)} image(s) found unreadable before: {', '.join(map(str, known_bad))}")
     mine = pending[dist.rank() :: dist.world()]
     if mine:
-        _encode(mine, resolution, buckets, get_encoders())
+        _encode([items[i] for i in mine], [files[i] for i in mine], resolution, buckets, get_encoders())
     dist.barrier()
-    kept = [(it, p) for it, p in zip(items, paths) if p.is_file()]
+    kept = [f for f in files if f.is_file()]
     if not kept:
         raise ValueError(f"none of the {len(items)} images could be read")
-    sizes = [tuple(read_header(p)["latent"]["shape"][1:]) for _, p in kept]
-    return CachedData([p for _, p in kept], sizes, skipped=len(items) - len(kept),
-                      encoded=sum(p.is_file() for _, p in pending))
+    sizes = [tuple(read_header(f)["latent"]["shape"][1:]) for f in kept]
+    return CachedData(kept, sizes, skipped=len(items) - len(kept), encoded=sum(files[i].is_file() for i in pending))
 
 
 # ---- batches ----
@@ -243,7 +252,7 @@ class BatchSampler:
         for i, s in enumerate(sizes):
             self.buckets.setdefault(s, []).append(i)
         self.per_epoch = sum(math.ceil(len(m) / batch_size) for m in self.buckets.values())
-        self._epoch: tuple[int, list[list[int]]] | None = None
+        self._epoch, self._batches_of_epoch = -1, []  # the batches of the epoch last asked for
 
     def _batches(self, epoch: int) -> list[list[int]]:
         g = generator(self.seed, "epoch", epoch)
@@ -258,6 +267,6 @@ class BatchSampler:
 
     def __call__(self, step: int) -> list[int]:
         epoch, j = divmod(step, self.per_epoch)
-        if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, self._batches(epoch))
-        return self._epoch[1][j]
+        if epoch != self._epoch:
+            self._epoch, self._batches_of_epoch = epoch, self._batches(epoch)
+        return self._batches_of_epoch[j]

@@ -19,7 +19,6 @@ loss stops the run before the step is applied, naming the last good checkpoint. 
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
@@ -38,19 +37,18 @@ from tqdm.auto import tqdm
 import convert
 from convert.files import save_safetensors_atomic
 from mmdit.lora import inject_lora
-from sampling.taca import TacaSchedule
+from sampling import TacaSchedule, load_pipeline
+from sampling.hub import resolve
 
 from . import distributed as dist
-from .checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, prune, save_checkpoint
+from .checkpoint import checkpoint_path, list_checkpoints, prune, resume, save_checkpoint
 from .config import TrainConfig
-from .data import BatchSampler, CachedData, Encoders, derive_seed, encoders_from_pipeline, prepare, scan
-from .loss import batch_temperature, draw, flow_matching_loss
+from .data import BatchSampler, CachedData, Encoders, derive_seed, encoders_from_pipeline, generator, prepare, scan
+from .loss import batch_temperature, flow_matching_loss, sample_t
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "taca"  # the adapter's name inside the model
-# settings a resumed run may change without breaking the continuation
-RESUMABLE_CHANGES = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "device", "cache"}
 
 
 class TrainingError(RuntimeError):
@@ -100,106 +98,56 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def _device(cfg: TrainConfig) -> torch.device:
+def pick_device(cfg: TrainConfig) -> torch.device:
     if cfg.device:
         return torch.device(cfg.device)
     return torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
 
 
-def _load(cfg: TrainConfig, device: torch.device, model: nn.Module | None, encoders: Encoders | None):
-    """(transformer, cached data): the pipeline's encoders are loaded only if something is not cached yet."""
+def load_data_and_model(
+    cfg: TrainConfig, device: torch.device, model: nn.Module | None, encoders: Encoders | None
+) -> tuple[CachedData, nn.Module]:
+    """The cached pairs, and the transformer (`model`, else loaded from `cfg.model`). The pipeline's encoders
+    are loaded only if some pair is not cached yet; its transformer is then kept, the rest freed."""
     dtype = getattr(torch, cfg.dtype)
-    loaded = {}
+    pipe = None  # the pipeline, if its encoders were needed
 
-    def get_encoders() -> Encoders:
-        if encoders is not None:
-            return encoders
-        from sampling import load_pipeline
-
-        loaded["pipe"] = pipe = load_pipeline(cfg.model, device=device, dtype=dtype)
+    def load_encoders() -> Encoders:
+        nonlocal pipe
+        pipe = load_pipeline(cfg.model, device=device, dtype=dtype)
         return encoders_from_pipeline(pipe)
 
-    data = prepare(scan(cfg.data), cfg.cache_dir, cfg.resolution, cfg.buckets, f"{cfg.model}|{cfg.dtype}", get_encoders)
-    if model is None and "pipe" in loaded:
-        model = loaded["pipe"].transformer
-    loaded.clear()  # the encoders go
+    tag = f"{cfg.model}|{cfg.dtype}"  # the encoders, in the cache keys
+    data = prepare(scan(cfg.data), cfg.cache_dir, cfg.resolution, cfg.buckets, tag,
+                   load_encoders if encoders is None else lambda: encoders)
+    if model is None and pipe is not None:
+        model = pipe.transformer
+    pipe = None  # the encoders go
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if model is None:
-        from sampling.hub import resolve
-
         model = convert.load_transformer(resolve(cfg.model)[0], device=device, dtype=dtype)
-    return model.to(device), data
+    return data, model.to(device)
 
 
-def _start(cfg: TrainConfig, params: dict, optimizer, out: Path) -> int:
-    """The step to start from: 0, or a checkpoint's (restored in place); the log is cut to match."""
-    ckpt_dir = out / "checkpoints"
-    existing = list_checkpoints(ckpt_dir)
-    if cfg.resume is None:
-        start = 0
-    elif cfg.resume == "latest" and not existing:
-        log.warning("no checkpoint in %s: starting from step 0", ckpt_dir)
-        start = 0
-    else:
-        path = existing[-1] if cfg.resume == "latest" else Path(cfg.resume)
-        start, saved = load_checkpoint(path, params, optimizer)
-        now = dataclasses.asdict(cfg)
-        changed = sorted(k for k, v in now.items() if saved.get(k, v) != v and k not in RESUMABLE_CHANGES)
-        if changed:
-            log.warning("resuming with changed settings %s: the run will not repeat an uninterrupted one", changed)
-        log.info("resumed from %s at step %d", path, start)
-    if dist.rank() == 0:
-        log_file = out / "log.jsonl"
-        lines = log_file.read_text().splitlines() if start and log_file.is_file() else []
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        log_file.write_text("".join(f"{ln}\n" for ln in lines if json.loads(ln)["step"] <= start))
-    return start
-
-
-def _trainable(cfg: TrainConfig, model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_parameters(cfg: TrainConfig, model: nn.Module) -> dict[str, nn.Parameter]:
     """Freeze the model and add the adapter (seeded, the same in every process), or with train="full"
-    unfreeze every weight; the trained parameters by name."""
+    unfreeze every weight; the trained parameters by name, rank 0's values in every process."""
     model.requires_grad_(cfg.train == "full")
     torch.manual_seed(cfg.seed)
     if cfg.train == "lora":
         inject_lora(model, ADAPTER, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, dtype=torch.float32)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     dist.broadcast_(list(params.values()))
-    model.train()
-    if cfg.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing"):
-            raise ValueError(f"{type(model).__name__} has no gradient checkpointing")
-        model.gradient_checkpointing = True
     return params
 
 
-def _accumulate(
-    cfg: TrainConfig, model: nn.Module, data: CachedData, batch: list[int], step: int, stats: torch.Tensor
-) -> None:
-    """Forward and backward of this process's share of the global batch (`grad_accum` micro-batches).
-
-    Fills stats[:B] with the t of this process's samples (others stay 0) and adds its share of the
-    mean loss to stats[B]: summed over processes, they are the global batch's."""
-    rank, world, device = dist.rank(), dist.world(), stats.device
-    micro = cfg.batch_size // cfg.grad_accum
-    local = micro // world
-    schedule = TacaSchedule(cfg.taca_gamma, cfg.t_min)
-    guided = getattr(model, "guidance_in", None) is not None  # FLUX-dev type: distilled guidance is an input
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    torch.manual_seed(derive_seed(cfg.seed, "dropout", step, rank))
-    for m in range(cfg.grad_accum):
-        js = range(m * micro + rank * local, m * micro + (rank + 1) * local)  # indices in the global batch
-        x0, context, pooled = data.load([batch[j] for j in js], device)
-        noise, t = zip(*(draw(cfg.seed, step, j, tuple(x0.shape[1:]), cfg.timesteps, cfg.t_min) for j in js))
-        noise, t = torch.stack(noise).to(device), torch.cat(t).to(device)
-        guidance = torch.full((local,), cfg.guidance, device=device) if guided else None
-        with autocast:
-            loss = flow_matching_loss(model, x0, noise, t, context, pooled, guidance, batch_temperature(schedule, t))
-        (loss / cfg.grad_accum).backward()
-        stats[list(js)] = t.float()
-        stats[cfg.batch_size] += loss.detach().float() / (cfg.grad_accum * world)
+def cut_log(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` (a resumed run's log continues its checkpoint's)."""
+    lines = path.read_text().splitlines() if step and path.is_file() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{ln}\n" for ln in lines if json.loads(ln)["step"] <= step))
 
 
 def train(
@@ -210,44 +158,71 @@ def train(
 ) -> TrainResult:
     """Train a TACA LoRA as `cfg` says. `model` / `encoders`: already loaded parts (default: from `cfg.model`).
     `on_step(step, loss)` is called after every step. Joins torchrun's process group if there is one."""
-    device = _device(cfg)
+    device = pick_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_from_env(device.type)
     rank, world = dist.rank(), dist.world()
-    if (cfg.batch_size // cfg.grad_accum) % world:
-        raise ValueError(f"batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} pairs per micro-step "
-                         f"do not split over {world} processes")
-    out, B = Path(cfg.output), cfg.batch_size
-    ckpt_dir = out / "checkpoints"
+    B, micro = cfg.batch_size, cfg.batch_size // cfg.grad_accum  # pairs per step, per micro-step (all processes)
+    if micro % world:
+        raise ValueError(f"batch_size / grad_accum = {micro} pairs per micro-step do not split over {world} processes")
+    local = micro // world  # this process's pairs per micro-step
+    out = Path(cfg.output)
+    ckpt_dir, log_file = out / "checkpoints", out / "log.jsonl"
     if cfg.resume is None and list_checkpoints(ckpt_dir):
         raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
                               "or choose another output folder")
 
-    model, data = _load(cfg, device, model, encoders)
+    data, model = load_data_and_model(cfg, device, model, encoders)
     if rank == 0:
         log.info("%d pairs (%d encoded now, %d unreadable images skipped)", len(data), data.encoded, data.skipped)
-    params = _trainable(cfg, model)
+    params = trainable_parameters(cfg, model)
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing = True
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = _start(cfg, params, optimizer, out)
+    start = resume(cfg, ckpt_dir, params, optimizer)
+    if rank == 0:
+        cut_log(log_file, start)
     sampler = BatchSampler(data.sizes, B, cfg.seed)
+    schedule = TacaSchedule(cfg.taca_gamma, cfg.t_min)
+    guided = model.family == "flux" and model.params.guidance_embed  # FLUX-dev: distilled guidance is an input
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and rank == 0))
 
     def save(step: int) -> None:
         if rank == 0:
-            save_checkpoint(checkpoint_path(ckpt_dir, step), step, params, optimizer, cfg.to_json())
+            save_checkpoint(checkpoint_path(ckpt_dir, step), step, params, optimizer, cfg)
             prune(ckpt_dir, cfg.keep_checkpoints)
 
     step, losses, interrupted = start, [], False
     with StopOnSignal() as stop:
         while step < cfg.steps and not interrupted:
             t0 = time.perf_counter()
+            batch = sampler(step)  # the global batch: indices of cached pairs
+            # summed over processes in one all-reduce: the t of each sample (each process fills its own),
+            # the global mean loss (each process adds its share) and the stop request
+            sums = torch.zeros(B + 2, device=device)
+            t_all, loss_sum, stop_flag = sums[:B], sums[B], sums[B + 1]  # views
             optimizer.zero_grad()
-            stats = torch.zeros(B + 2, device=device)  # [t of each sample | loss | stop], summed over processes
-            _accumulate(cfg, model, data, sampler(step), step, stats)
-            stats[B + 1] = float(stop.requested)
-            dist.all_sum(stats)
-            loss = stats[B].item()
+            torch.manual_seed(derive_seed(cfg.seed, "dropout", step, rank))  # LoRA dropout
+            for m in range(cfg.grad_accum):
+                js = range(m * micro + rank * local, m * micro + (rank + 1) * local)  # indices in the global batch
+                x0, context, pooled = data.load([batch[j] for j in js], device)  # (b, 16, h, w), (b, L, D), (b, P)
+                # each sample's t and noise: its own generator, named by (seed, step, index in the global batch)
+                gens = [generator(cfg.seed, "sample", step, j) for j in js]
+                t = torch.cat([sample_t(cfg.timesteps, cfg.t_min, g) for g in gens]).to(device)  # (b,)
+                noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+                guidance = torch.full((local,), cfg.guidance, device=device) if guided else None
+                temperature = batch_temperature(schedule, t)  # gamma where t >= t_min, per sample
+                with autocast:
+                    loss = flow_matching_loss(model, x0, noise, t, context, pooled, guidance, temperature)
+                (loss / cfg.grad_accum).backward()
+                t_all[list(js)] = t.float()
+                loss_sum += loss.detach().float() / (cfg.grad_accum * world)
+            stop_flag.fill_(float(stop.requested))
+            dist.all_sum(sums)
+            loss = loss_sum.item()
             if not math.isfinite(loss):
                 good = list_checkpoints(ckpt_dir)
                 raise TrainingError(
@@ -268,15 +243,15 @@ def train(
             losses.append(loss)
             seconds = time.perf_counter() - t0
             if rank == 0:
-                entry = dict(step=step, loss=loss, lr=lr, t_min=stats[:B].min().item(), t_max=stats[:B].max().item(),
+                entry = dict(step=step, loss=loss, lr=lr, t_min=t_all.min().item(), t_max=t_all.max().item(),
                              grad_norm=grad_norm, seconds=round(seconds, 4))
-                with open(out / "log.jsonl", "a") as f:
+                with open(log_file, "a") as f:
                     f.write(json.dumps(entry) + "\n")
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{B / seconds:.2f}")
             if on_step is not None:
                 on_step(step, loss)
-            interrupted = bool(stats[B + 1] > 0)
+            interrupted = bool(stop_flag > 0)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps and not interrupted:
                 save(step)
     bar.close()
@@ -285,7 +260,7 @@ def train(
         log.warning("interrupted at step %d: %s written; continue with --resume", step, checkpoint_path(ckpt_dir, step))
     elif rank == 0 and cfg.train == "full":
         meta = {"train.steps": str(step), "train.config": cfg.to_json()}
-        save_safetensors_atomic({k: v.detach() for k, v in model.state_dict().items()}, out / "transformer.safetensors", meta)
+        save_safetensors_atomic(model.state_dict(), out / "transformer.safetensors", meta)
         log.info("wrote %s", out / "transformer.safetensors")
     elif rank == 0:
         meta = {"taca.gamma": cfg.taca_gamma, "taca.until": cfg.t_min, "train.steps": step,

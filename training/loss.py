@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mmdit.attention import Temperature, as_temperature_matrix
 from sampling.taca import TemperatureSpec, temperature_at
 
-from .data import generator
+from .config import TIMESTEP_SAMPLING
 
 
 def sample_t(kind: str, t_min: float, g: torch.Generator) -> Tensor:
@@ -29,14 +29,7 @@ def sample_t(kind: str, t_min: float, g: torch.Generator) -> Tensor:
         return torch.sigmoid(torch.randn(1, generator=g))
     if kind == "uniform":
         return torch.rand(1, generator=g)
-    raise ValueError(f"unknown timestep sampling {kind!r}: window, logit-normal or uniform")
-
-
-def draw(seed: int, step: int, index: int, shape: tuple[int, ...], kind: str, t_min: float) -> tuple[Tensor, Tensor]:
-    """(noise `shape`, t (1,)) of sample `index` of the global batch of `step`: the same in every process layout."""
-    g = generator(seed, "sample", step, index)
-    t = sample_t(kind, t_min, g)
-    return torch.randn(shape, generator=g), t
+    raise ValueError(f"unknown timestep sampling {kind!r}: {', '.join(TIMESTEP_SAMPLING)}")
 
 
 def batch_temperature(spec: TemperatureSpec, t: Tensor) -> Temperature:

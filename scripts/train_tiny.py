@@ -1,6 +1,6 @@
 """Build and train the tiny FLUX-architecture model shipped in assets/tiny-flux (the default of `mmdit sample`).
 
-    python -m training.tiny                # the recorded run: dataset, initial model, training, assets/tiny-flux
+    python -m scripts.train_tiny                # the recorded run: dataset, initial model, training, assets/tiny-flux
 
 Every part is the project's own code at toy size, in a Diffusers-style folder that `load_pipeline` reads:
 - `transformer/`: `mmdit.flux.Flux` (BFL keys), 48 input channels (2x2 patches of 12), no guidance
@@ -13,7 +13,7 @@ Every part is the project's own code at toy size, in a Diffusers-style folder th
   reaches the image through the joint attention only, exactly where TACA acts;
 - `vae/`: the weightless `PixelCodec` (mmdit/pixel_codec.py): 32x32 images are 12x16x16 latents.
 
-Data: training/scenes.py (the held-out layouts never appear). Everything is seeded; on another
+Data: scripts/scenes.py (the held-out layouts never appear). Everything is seeded; on another
 machine the same command gives the same data and, up to floating-point summation order, the same model.
 """
 
@@ -29,7 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from convert.files import save_safetensors_atomic
@@ -38,13 +40,16 @@ from mmdit.flux import Flux, FluxParams
 from mmdit.pixel_codec import PixelCodec
 from mmdit.t5 import T5Config, T5Encoder
 
-from . import scenes
-from .config import TrainConfig
-from .loop import train
+from scripts import scenes
+from training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets" / "tiny-flux"
 SAMPLING_DEFAULTS = {"steps": 20, "guidance": 0.0, "size": scenes.SIZE, "upscale": 8}
+# the recorded training run: every weight trains, float32 on the CPU, uniform t, cosine learning rate
+RECIPE = dict(train="full", resolution=scenes.SIZE, batch_size=64, steps=3000, lr=1e-3, warmup_steps=100,
+              lr_schedule="cosine", weight_decay=0.0, timesteps="uniform", taca_gamma=1.0, dtype="float32",
+              mixed_precision="no", device="cpu", checkpoint_every=500, seed=0)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,11 @@ class TinySpec:
                         num_heads=self.t5_heads, d_ff=2 * self.t5_dim, num_layers=self.t5_layers)
 
 
+def write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
 def all_captions() -> list[str]:
     """Every caption the grammar makes (held-out ones too: the tokenizer must know every word)."""
     singles = {scenes.Scene((scenes.Obj(*o),)).caption for o in scenes.objects()}
@@ -85,8 +95,6 @@ def all_captions() -> list[str]:
 def write_tokenizer(folder: Path) -> int:
     """A word-level sentencepiece model of the caption vocabulary, T5's special ids (<pad> 0, </s> 1, <unk> 2);
     returns the vocabulary size."""
-    import sentencepiece
-
     captions = all_captions()
     words = {w for c in captions for w in c.split()}
     proto = io.BytesIO()
@@ -98,7 +106,7 @@ def write_tokenizer(folder: Path) -> int:
     (folder / "spiece.model").write_bytes(proto.getvalue())
     sp = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
     length = max(len(sp.encode(c)) for c in captions) + 2  # + </s> and one <pad>
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": length}, indent=1) + "\n")
+    write_json(folder / "tokenizer_config.json", {"model_max_length": length})
     return sp.get_piece_size()
 
 
@@ -143,33 +151,25 @@ def write_model(folder: Path, spec: TinySpec, seed: int) -> Path:
     """The untrained model folder: tokenizer, frozen T5, codec, random transformer, model_index.json."""
     vocab = write_tokenizer(folder / "tokenizer_2")
     t5 = init_t5(spec.t5(vocab), spec, seed)
-    (folder / "text_encoder_2").mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(t5.state_dict(), folder / "text_encoder_2" / "model.safetensors")
-    (folder / "text_encoder_2" / "config.json").write_text(json.dumps(t5_config_json(t5.cfg), indent=1) + "\n")
-    (folder / "vae").mkdir(exist_ok=True)
-    (folder / "vae" / "config.json").write_text(json.dumps(PixelCodec().config(), indent=1) + "\n")
-    (folder / "transformer").mkdir(exist_ok=True)
-    save_safetensors_atomic(init_flux(spec.flux(), seed + 1).state_dict(), folder / "transformer" / "tiny-flux.safetensors")
+    write_json(folder / "text_encoder_2" / "config.json", t5_config_json(t5.cfg))
+    write_json(folder / "vae" / "config.json", PixelCodec().config())
+    flux = init_flux(spec.flux(), seed + 1)
+    save_safetensors_atomic(flux.state_dict(), folder / "transformer" / "tiny-flux.safetensors")
     index = {"_class_name": "FluxPipeline", "text_encoder": [None, None], "tokenizer": [None, None],
              "text_encoder_2": ["mmdit", "T5Encoder"], "tokenizer_2": ["sentencepiece", "spiece.model"],
              "transformer": ["mmdit", "Flux"], "vae": ["mmdit", "PixelCodec"], "sampling_defaults": SAMPLING_DEFAULTS}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=1) + "\n")
+    write_json(folder / "model_index.json", index)
     return folder
 
 
 def tiny_train_config(model: Path, data: Path, output: Path, **overrides) -> TrainConfig:
-    """The recorded recipe: every weight trains, float32 on the CPU, uniform t, cosine learning rate."""
-    base = dict(model=str(model), data=str(data), output=str(output), train="full", resolution=scenes.SIZE,
-                batch_size=64, steps=3000, lr=1e-3, warmup_steps=100, lr_schedule="cosine", weight_decay=0.0,
-                timesteps="uniform", taca_gamma=1.0, dtype="float32", mixed_precision="no", device="cpu",
-                checkpoint_every=500, seed=0)
-    return TrainConfig(**{**base, **overrides})
+    """`RECIPE` on these folders, with `overrides`."""
+    return TrainConfig(model=str(model), data=str(data), output=str(output), **{**RECIPE, **overrides})
 
 
 def assemble(init: Path, trained: Path, out: Path, dtype: torch.dtype = torch.float16) -> None:
     """The shipped folder: the untrained one with the trained transformer in its place (stored in `dtype`)."""
-    from safetensors.torch import load_file
-
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(init, tmp)
@@ -184,13 +184,16 @@ def assemble(init: Path, trained: Path, out: Path, dtype: torch.dtype = torch.fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m training.tiny", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "tiny", help="data, cache, checkpoints, log")
-    ap.add_argument("--out", type=Path, default=ASSETS, help="the model folder written at the end")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(prog="python -m scripts.train_tiny", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "tiny",
+                    help="folder of the data, cache, checkpoints and log (default runs/tiny)")
+    ap.add_argument("--out", type=Path, default=ASSETS,
+                    help="the model folder written at the end (default assets/tiny-flux)")
+    ap.add_argument("--steps", type=int, default=RECIPE["steps"], help=f"optimizer steps (default {RECIPE['steps']})")
+    ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help=f"global batch (default {RECIPE['batch_size']})")
+    ap.add_argument("--lr", type=float, default=RECIPE["lr"], help=f"peak learning rate (default {RECIPE['lr']:g})")
+    ap.add_argument("--seed", type=int, default=RECIPE["seed"],
+                    help=f"seed of the data, the initial model and the training (default {RECIPE['seed']})")
     ap.add_argument("--resume", action="store_true", help="continue the run in --work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

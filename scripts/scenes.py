@@ -11,7 +11,7 @@ color (benchmarks/compbench.py). "A to the left of B" and "B to the right of A" 
 layout: the held-out split holds out layouts (`layout_key`), both phrasings at once, so no held-out
 prompt describes a picture seen in training. Everything is a pure function of a seed.
 
-    python -m training.scenes OUT_DIR [--per-layout 8] [--per-object 40] [--seed 0]
+    python -m scripts.scenes OUT_DIR [--per-layout 8] [--per-object 40] [--seed 0]
 
 writes `OUT_DIR/train/NNNNN.png` + `.txt` (the format `mmdit train --data` reads) and
 `OUT_DIR/heldout.txt` (one held-out prompt per line).
@@ -181,7 +181,8 @@ def parse(caption: str) -> Scene:
     objs = [(c1, s1)] + ([(c2, s2)] if rel else [])
     for c, s in objs:
         if c not in COLORS or s not in SHAPES:
-            raise ValueError(f"{caption!r}: unknown color or shape {c!r} {s!r}; colors {list(COLORS)}, shapes {list(SHAPES)}")
+            raise ValueError(f"{caption!r}: unknown color or shape {c!r} {s!r}; "
+                             f"colors {list(COLORS)}, shapes {list(SHAPES)}")
     return Scene(tuple(Obj(c, s) for c, s in objs), rel)
 
 
@@ -213,11 +214,11 @@ def write_dataset(out: Path, per_layout: int = 8, per_object: int = 40, seed: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m training.scenes", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path)
+    ap = argparse.ArgumentParser(prog="python -m scripts.scenes", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path, help="folder for train/ and heldout.txt")
     ap.add_argument("--per-layout", type=int, default=8, help="placements per training caption (default 8)")
     ap.add_argument("--per-object", type=int, default=40, help="single-object images per (color, shape) (default 40)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the placements (default 0)")
     args = ap.parse_args(argv)
     train = write_dataset(args.out, args.per_layout, args.per_object, args.seed)
     print(f"wrote {len(list(train.glob('*.png')))} images to {train} and {len(heldout_prompts())} held-out prompts")
