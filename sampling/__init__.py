@@ -1,6 +1,6 @@
 """Text to image with the MM-DiT models: schedules, the Euler sampler, TACA's schedule, FLUX and SD3 pipelines."""
 
-from .loading import load_pipeline
+from .loading import default_model, load_pipeline
 from .lora import load_pipeline_lora
 from .pipeline import FluxPipeline, Pipeline, SD3Pipeline
 from .schedules import flux_sigmas, given_sigmas, sd3_sigmas, shift_sigmas
@@ -11,6 +11,7 @@ __all__ = [
     "Pipeline",
     "SD3Pipeline",
     "TacaSchedule",
+    "default_model",
     "flux_sigmas",
     "given_sigmas",
     "load_pipeline",

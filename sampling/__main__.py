@@ -1,4 +1,4 @@
-"""`python -m sampling ...` is the `mmdit` command."""
+"""`python -m sampling ...`: `mmdit sample` and `mmdit probe` (the `mmdit` command also has `train`: cli.py)."""
 
 import sys
 

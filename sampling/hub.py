@@ -17,6 +17,20 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from huggingface_hub import constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from convert import detect_transformer
+from convert.files import Checkpoint
+
+from .parts import AE_PREFIXES, BUNDLED, DIFFUSERS_DIRS, SAI_FILES
+
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 WEIGHT_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")  # configs, weights, BPE files, sentencepiece
 
@@ -29,8 +43,13 @@ def _folders(*names: str, prefix: str = "") -> list[str]:
     return [f"{prefix}{n}/{ext}" for n in names for ext in WEIGHT_FILES]
 
 
+def _diffusers_dirs(family: str) -> list[str]:
+    """The encoder and tokenizer folders of a Diffusers repo of the family."""
+    return [d for dirs in DIFFUSERS_DIRS[family].values() for d in dirs]
+
+
 DIFFUSERS_PATTERNS = ["model_index.json", "scheduler/*.json", *_folders(
-    "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"
+    "transformer", "vae", *dict.fromkeys(_diffusers_dirs("flux") + _diffusers_dirs("sd3"))
 )]
 
 
@@ -47,37 +66,24 @@ def parse(source: str) -> tuple[str, str | None] | None:
 
 def companions(file: Path, path_in_repo: str) -> list[str]:
     """Patterns of the files a downloaded single file needs beside it (see the module docstring)."""
-    from convert import detect_transformer
-    from convert.files import Checkpoint
-
-    from .loading import AE_PREFIXES, BUNDLED
-
     d = os.path.dirname(path_in_repo)
     prefix = f"{d}/" if d else ""
     if detect_transformer(file).family == "flux":
-        return [f"{prefix}ae.safetensors", *_folders("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", prefix=prefix)]
+        return [f"{prefix}ae.safetensors", *_folders(*_diffusers_dirs("flux"), prefix=prefix)]
     keys = list(Checkpoint.open(file))
     bundled = {p for p in (*AE_PREFIXES, *BUNDLED.values()) if any(k.startswith(p) for k in keys)}
-    patterns = _folders("tokenizer", "tokenizer_2", "tokenizer_3", prefix=prefix)
+    patterns = _folders(*(tok for _, tok in DIFFUSERS_DIRS["sd3"].values()), prefix=prefix)
     if not bundled & set(AE_PREFIXES):
         patterns += _folders("vae", prefix=prefix)
-    for role, sai in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5", "t5xxl_fp16")):
-        if BUNDLED[role] not in bundled:
-            patterns.append(f"{prefix}text_encoders/{sai}.safetensors")
+    for role, prefix_in_file in BUNDLED.items():
+        if prefix_in_file not in bundled:
+            patterns.append(f"{prefix}text_encoders/{SAI_FILES[role][0]}")
     return patterns
 
 
 @contextmanager
 def _explained(repo: str, what: str):
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
+    """huggingface_hub's errors as one HubError saying what to do."""
     page = f"{constants.ENDPOINT}/{repo}"
     try:
         yield
@@ -117,7 +123,7 @@ def resolve(source: str, revision: str | None = None) -> tuple[Path, str]:
         raise FileNotFoundError(
             f"{source}: no such file or folder, and not a hub source (owner/name or owner/name/file.safetensors)"
         )
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download  # 0.3 s to import: only for a hub source
 
     repo, file = parsed
     if file is None:

@@ -8,9 +8,9 @@ A source is
 - a hub repo id (`owner/name`, or `owner/name/file.safetensors` for a single file in it),
   downloaded with only the files needed (sampling/hub.py).
 Any part can be given by keyword instead (`vae=`, `clip_l=`, `clip_g=`, `t5=`, `clip_l_tokenizer=`,
-`clip_g_tokenizer=`, `t5_tokenizer=`); what is not given is looked for, in this order, in the file
-itself (bundled keys), beside it, and in the Diffusers sub-folders beside it. The family comes from
-the transformer's weights, never from a name; the name only tells SD3.5 Large Turbo from Large.
+`clip_g_tokenizer=`, `t5_tokenizer=`); what is not given is looked for where the official layouts
+put it (sampling/parts.py). The family comes from the transformer's weights, never from a name; the
+name only tells SD3.5 Large Turbo from Large.
 
 A Diffusers folder's `model_index.json` may mark a part as absent on purpose (`"text_encoder": [null,
 null]`, Diffusers' convention for optional components): that text encoder's features are then zeros
@@ -26,89 +26,36 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import convert
-from convert.files import Checkpoint, CheckpointError
+from convert import load_autoencoder, load_text_encoder, load_tokenizer, load_transformer
+from convert.files import CheckpointError
 from mmdit.pixel_codec import is_pixel_codec, load_pixel_codec
 from mmdit.tokenizer import CLIPTokenizer
 
+from .hub import resolve
 from .offload import EVERY_PART, check_offload
+from .parts import DIFFUSERS_DIRS, ROLES, Part, absent_on_purpose, find_parts, model_index
 from .pipeline import PIPELINES, Defaults, Pipeline
 
 log = logging.getLogger(__name__)
 
-ROLES = {"flux": ("clip_l", "t5"), "sd3": ("clip_l", "clip_g", "t5")}
+# The tiny FLUX-architecture model trained on colored-shape scenes, shipped with the repo
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-flux"
 OPTIONAL = {("sd3", "t5")}  # SD3 without T5: zeros in its place, as Diffusers does
-DIFFUSERS_DIRS = {  # role -> (encoder folder, tokenizer folder)
-    "flux": {"clip_l": ("text_encoder", "tokenizer"), "t5": ("text_encoder_2", "tokenizer_2")},
-    "sd3": {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
-            "t5": ("text_encoder_3", "tokenizer_3")},
-}
-SAI_FILES = {"clip_l": ["clip_l.safetensors"], "clip_g": ["clip_g.safetensors"],
-             "t5": ["t5xxl_fp16.safetensors", "t5xxl.safetensors", "t5xxl_fp8_e4m3fn.safetensors"]}
-BUNDLED = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
-           "t5": "text_encoders.t5xxl.transformer."}
-AE_PREFIXES = ("first_stage_model.", "vae.")
 T5_LENGTH = {"flux": 512, "sd3": 256}  # Diffusers' max_sequence_length defaults (BFL: schnell 256)
 
 
-@dataclass
-class Part:
-    """Where one part is: a file or folder, and for a bundled part, its key prefix inside the file."""
-
-    path: Path
-    prefix: str | None = None
-    pad: str | None = None  # a CLIP tokenizer folder used for another role: that role's padding
-
-
-def _first(*paths: Path) -> Path | None:
-    return next((p for p in paths if p.exists()), None)
-
-
-def model_index(source: Path) -> dict:
-    """The folder's model_index.json ({} when there is none)."""
-    index = source / "model_index.json"
-    return json.loads(index.read_text()) if source.is_dir() and index.is_file() else {}
-
-
-def absent_on_purpose(source: Path) -> set[str]:
-    """The sub-folders model_index.json marks as null (`"text_encoder": [null, null]`)."""
-    return {k for k, v in model_index(source).items() if isinstance(v, list) and all(x is None for x in v)}
-
-
-def find_parts(source: Path, family: str, given: dict[str, str | os.PathLike | None]) -> dict[str, Part | None]:
-    """{"vae", role, role + "_tokenizer": Part or None} for a Diffusers folder or a single file."""
-    folder = source if source.is_dir() else source.parent
-    keys = set() if source.is_dir() else set(Checkpoint.open(source))
-    absent = absent_on_purpose(source)
-    parts: dict[str, Part | None] = {}
-
-    def part(name: str, bundled: str | None, *beside: Path) -> None:
-        if given.get(name) is not None:
-            parts[name] = Part(Path(given[name]))
-        elif beside and beside[0].parent == folder and beside[0].name in absent:
-            parts[name] = None
-        elif bundled is not None and any(k.startswith(bundled) for k in keys):
-            parts[name] = Part(source, bundled)
-        else:
-            found = _first(*beside)
-            parts[name] = Part(found) if found else None
-
-    ae_prefix = next((p for p in AE_PREFIXES if any(k.startswith(p) for k in keys)), None)
-    part("vae", ae_prefix, folder / "vae", folder / "ae.safetensors")
-    for role in ROLES[family]:
-        enc_dir, tok_dir = DIFFUSERS_DIRS[family][role]
-        sai = [d / f for d in (folder / "text_encoders", folder) for f in SAI_FILES[role]]
-        part(role, BUNDLED[role], folder / enc_dir, *sai)
-        part(f"{role}_tokenizer", None, folder / tok_dir)
-    if family == "sd3" and parts["clip_g_tokenizer"] is None and parts["clip_l_tokenizer"] is not None:
-        # SAI's layout: one CLIP BPE for both encoders; bigG pads with "!" (id 0)
-        parts["clip_g_tokenizer"] = Part(parts["clip_l_tokenizer"].path, pad="!")
-    return parts
+def default_model() -> str:
+    """The model used when none is named: the tiny one shipped in assets/tiny-flux (offline)."""
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the default model is not at {DEFAULT_MODEL}: pass --model SOURCE (a Diffusers folder, an official "
+            "single file such as flux1-dev.safetensors, or a hub repo id such as black-forest-labs/FLUX.1-dev)"
+        )
+    return str(DEFAULT_MODEL)
 
 
 def _missing(name: str, source: Path) -> CheckpointError:
@@ -135,10 +82,10 @@ def _folder_length(folder: Path) -> int | None:
 def _tokenizer(part: Part, role: str, family: str, max_length: int | None):
     if role == "t5":
         own = _folder_length(part.path) if family == "flux" else None
-        return convert.load_tokenizer(part.path, max_length=max_length or own or T5_LENGTH[family])
+        return load_tokenizer(part.path, max_length=max_length or own or T5_LENGTH[family])
     if part.pad is not None:
         return CLIPTokenizer.from_files(part.path / "vocab.json", part.path / "merges.txt", pad=part.pad)
-    return convert.load_tokenizer(part.path)
+    return load_tokenizer(part.path)
 
 
 def load_pipeline(
@@ -160,16 +107,14 @@ def load_pipeline(
         `offload="encoders"`.
     max_sequence_length: T5 tokens (default FLUX 512, SD3 256, as Diffusers).
     """
-    from .hub import resolve
-
-    allowed = {"vae", *[r + s for r in ("clip_l", "clip_g", "t5") for s in ("", "_tokenizer")]}
+    allowed = {"vae", *(r + s for roles in ROLES.values() for r in roles for s in ("", "_tokenizer"))}
     unknown = set(given) - allowed
     if unknown:
         raise TypeError(f"load_pipeline: unknown part(s) {sorted(unknown)}; parts are {sorted(allowed)}")
     path, name = resolve(str(source), revision)
     offload = check_offload(offload or ("encoders" if offload_encoders else None))
     everything = offload in EVERY_PART
-    transformer = convert.load_transformer(path, device="cpu" if everything else device, dtype=dtype)
+    transformer = load_transformer(path, device="cpu" if everything else device, dtype=dtype)
     family = transformer.family
     parts = find_parts(path, family, given)
     absent = absent_on_purpose(path)
@@ -187,13 +132,13 @@ def load_pipeline(
                 log.warning("%s: no %s text encoder%s; its features are zeros", path, role, "" if enc is None else " tokenizer")
             encoders[role] = tokenizers[role] = None
             continue
-        encoders[role] = convert.load_text_encoder(enc.path, device=enc_device, dtype=dtype, prefix=enc.prefix)
+        encoders[role] = load_text_encoder(enc.path, device=enc_device, dtype=dtype, prefix=enc.prefix)
         tokenizers[role] = _tokenizer(tok, role, family, max_sequence_length)
     vae, ae_device = parts["vae"].path, "cpu" if everything else device
     if is_pixel_codec(vae):
         ae = load_pixel_codec(vae, device=ae_device, dtype=dtype)
     else:
-        ae = convert.load_autoencoder(vae, family=family, device=ae_device, dtype=dtype)
+        ae = load_autoencoder(vae, family=family, device=ae_device, dtype=dtype)
     kwargs = {"max_sequence_length": max_sequence_length or T5_LENGTH["sd3"]} if family == "sd3" else {}
     own_defaults = model_index(path).get("sampling_defaults")
     if own_defaults is not None:

@@ -104,11 +104,6 @@ def streamed(module: nn.Module, device: str | torch.device) -> Iterator[nn.Modul
         yield module
 
 
-def on_device(module: nn.Module, device: str | torch.device, stream: bool):
-    """`streamed` or `borrowed`."""
-    return (streamed if stream else borrowed)(module, device)
-
-
 def pin(module: nn.Module) -> nn.Module:
     """Page-locked copies of the module's CPU weights, so that copies to a CUDA device are asynchronous
     and about twice as fast. A no-op without CUDA. Costs a copy of the weights in host memory."""

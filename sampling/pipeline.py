@@ -1,24 +1,27 @@
-"""Text to image with FLUX.1 and SD3/SD3.5: prompt encoding, sampling, decoding.
+"""Text to image with FLUX.1 and SD3/SD3.5: encode the prompts, denoise (sampling/sampler.py), decode.
 
 `Pipeline` holds the parts (transformer, autoencoder, text encoders and tokenizers by role:
-`clip_l`, `clip_g`, `t5`) and runs `generate`; the two families differ only in what the transformer
-receives (`encode_prompt`), in their schedule and in their guidance:
-- FLUX: context = T5 states; pooled = CLIP-L's pooled state, unprojected (zeros for a model without
-  CLIP, such as the tiny one in assets/tiny-flux); dev-type models take the
-  distilled guidance scale as an input; true CFG with a negative prompt is optional (`true_cfg`).
-- SD3/SD3.5: CLIP-L and bigG penultimate states (no final norm) side by side, zero-padded to the
-  transformer's context width, then the T5 states along the sequence (zeros where T5 is absent, as
-  Diffusers does); pooled = both CLIP pooled vectors (projected when the encoder has a projection,
-  as Diffusers' CLIPTextModelWithProjection). Classifier-free guidance with a negative prompt ("" by
-  default), both branches in one batch; optionally skip-layer guidance on top (`skip_guidance_layers`).
-Facts: ../shared/FORMATS.md 5.4 and 6. Deviation from Diffusers: latents are kept in float32 between
-steps whatever the model's dtype.
+`clip_l`, `clip_g`, `t5`) and runs `generate`. A family is a small subclass saying three things:
+what the transformer receives about a prompt (`encode_prompt`), which noise levels it visits
+(`sigmas`, sampling/schedules.py) and how it is guided (`guidance_for`, a `Guidance`):
+- FLUX (`FluxPipeline`): context = T5 states; pooled = CLIP-L's pooled state, unprojected (zeros for
+  a model without CLIP, such as the tiny one in assets/tiny-flux); dev-type models take the distilled
+  guidance scale as an input, schnell-type none; true CFG with a negative prompt is optional
+  (`true_cfg`). BFL flux `src/flux/sampling.py` `prepare`; Diffusers `pipelines/flux/pipeline_flux.py`.
+- SD3/SD3.5 (`SD3Pipeline`): CLIP-L and bigG penultimate states (no final norm) side by side,
+  zero-padded to the transformer's context width, then the T5 states along the sequence (zeros where
+  T5 is absent, as Diffusers does); pooled = both CLIP pooled vectors (projected when the encoder has a
+  projection, as Diffusers' CLIPTextModelWithProjection). Classifier-free guidance with a negative
+  prompt ("" by default), both branches in one batch; optionally skip-layer guidance on top
+  (`skip_guidance_layers`). SAI sd3.5 `sd3_infer.py` `get_cond`; Diffusers
+  `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`.
+Deviation from Diffusers: latents are kept in float32 between steps whatever the model's dtype.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -26,11 +29,10 @@ from torch import Tensor, nn
 
 from mmdit.sd3 import skipped_blocks
 
-from .offload import EVERY_PART, check_offload, on_device, pin
-from .sampler import Conditioning, SkipLayerGuidance, euler, guided_velocity, slg_window
+from .offload import EVERY_PART, borrowed, check_offload, pin, streamed
+from .sampler import Conditioning, Guidance, SkipLayerGuidance, denoise, slg_window
 from .schedules import flux_sigmas, given_sigmas, sd3_sigmas
 from .taca import TemperatureSpec
-
 
 @dataclass(frozen=True)
 class Defaults:
@@ -85,9 +87,9 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 
 class Pipeline:
-    """The parts of one model and the generation loop; `FluxPipeline` / `SD3Pipeline` add the family's specifics."""
+    """The parts of one model and `generate`; `FluxPipeline` / `SD3Pipeline` add the family's three specifics."""
 
-    family = ""
+    family = ""  # "flux" or "sd3", as the transformer's
 
     def __init__(
         self,
@@ -134,29 +136,32 @@ class Pipeline:
         """The context in which `part` runs on the pipeline's device under its offload mode."""
         if not any(part is p for p in self._offloaded()):
             return nullcontext(part)
-        return on_device(part, self.device, stream=self.offload.startswith("stream"))
+        return (streamed if self.offload.startswith("stream") else borrowed)(part, self.device)
 
     def _encode(self, role: str, prompts: list[str], **kwargs):
-        """Tokenize and run the encoder of `role` on the pipeline's device."""
+        """Tokenize and run the encoder of `role` on the pipeline's device: (its output, the token ids)."""
         enc, tok = self.encoders[role], self.tokenizers[role]
         ids = tok(prompts).to(self.device)
         with torch.no_grad(), self._running(enc):
             out = enc(ids, **kwargs)
         return out, ids
 
+    # ---- what a family says ----
+
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
         """(context (B, L, D), pooled (B, P)): exactly what the transformer receives."""
         raise NotImplementedError
 
     def sigmas(self, steps: int, latent_h: int, latent_w: int) -> Tensor:
+        """The noise levels for `steps` steps at this latent size: (steps + 1,) on the CPU, from 1 to 0."""
         raise NotImplementedError
 
-    def _guidance(self, prompts: list[str], guidance: float, negative_prompt: str | list[str] | None, true_cfg: float):
-        """(negative Conditioning or None, cfg scale, distilled guidance or None)."""
+    def guidance_for(self, prompts: list[str], guidance: float, negative_prompt: str | list[str] | None,
+                     true_cfg: float) -> Guidance:
+        """What `generate`'s guidance arguments mean for this family."""
         raise NotImplementedError
 
-    def _conditioning(self, prompts: list[str]) -> Conditioning:
-        return Conditioning(*self.encode_prompt(prompts))
+    # ---- the same for every family ----
 
     @torch.no_grad()
     def generate(
@@ -183,11 +188,14 @@ class Pipeline:
     ):
         """Images for the prompts (height and width: default the model's, 1024 for the real ones).
 
+        steps, guidance: default the model's (`self.defaults`); guidance is FLUX-dev's distilled scale
+            or SD3's CFG scale (`guidance_for`).
         noise: the initial latents (B, z, H/f, W/f) (z, f: the autoencoder's, 16 and 8 for the real
             ones); else drawn from `seed` with a CPU generator.
         temperature: TACA's: a number, a [2, 2] matrix, or a function of t (sampling/taca.py).
         gate_lora: with a temperature given, LoRA adapters are on only where it is not 1.
         sigmas: your own noise levels instead of the model's schedule.
+        true_cfg: FLUX: classifier-free guidance at this scale when > 1 and a negative prompt is given.
         decode_tile: tiled decoding (latent pixels per tile) for large images.
         output: "pil" (list of images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent".
         skip_guidance_layers (SD3 only, with CFG): skip-layer guidance, as Diffusers' argument of the
@@ -214,19 +222,18 @@ class Pipeline:
             noise = torch.randn(shape, generator=gen)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {list(shape)} (B, z, H/f, W/f), got {list(noise.shape)}")
-
-        schedule = given_sigmas(sigmas) if sigmas is not None else self.sigmas(steps, h, w)
+        sigmas = given_sigmas(sigmas) if sigmas is not None else self.sigmas(steps, h, w)  # (N + 1,) on the CPU
         slg = None
         if skip_guidance_layers is not None:
-            layers = skipped_blocks(skip_guidance_layers, self.transformer.params.depth)
-            window = slg_window(schedule, skip_layer_guidance_start, skip_layer_guidance_stop)
-            slg = SkipLayerGuidance(layers, skip_layer_guidance_scale, window)
+            slg = SkipLayerGuidance(skipped_blocks(skip_guidance_layers, self.transformer.params.depth),
+                                    skip_layer_guidance_scale,
+                                    slg_window(sigmas, skip_layer_guidance_start, skip_layer_guidance_stop))
 
-        cond = self._conditioning(prompts)
-        negative, cfg, distilled = self._guidance(prompts, guidance, negative_prompt, true_cfg)
-        velocity = guided_velocity(self.transformer, cond, negative, cfg, distilled, temperature, gate_lora, slg)
+        cond = Conditioning(*self.encode_prompt(prompts))
+        guide = replace(self.guidance_for(prompts, guidance, negative_prompt, true_cfg), slg=slg)
         with self._running(self.transformer):
-            latents = euler(velocity, noise.to(self.device, torch.float32), schedule, progress)  # schedule on the CPU
+            latents = denoise(self.transformer, noise.to(self.device, torch.float32), sigmas, cond, guide,
+                              temperature, gate_lora, progress)
         if output == "latent":
             return latents
         with self._running(ae):
@@ -250,11 +257,12 @@ class FluxPipeline(Pipeline):
         # dev-type models are shifted by the image size, schnell-type not (BFL's `shift=(name != "flux-schnell")`)
         return flux_sigmas(steps, (latent_h // 2) * (latent_w // 2), shifted=self.transformer.params.guidance_embed)
 
-    def _guidance(self, prompts, guidance, negative_prompt, true_cfg):
-        distilled = guidance if self.transformer.params.guidance_embed else None
+    def guidance_for(self, prompts, guidance, negative_prompt, true_cfg) -> Guidance:
+        distilled = guidance if self.transformer.params.guidance_embed else None  # dev-type: an input; schnell: none
         if negative_prompt is None or true_cfg <= 1:
-            return None, 1.0, distilled
-        return self._conditioning(_negatives(negative_prompt, len(prompts))), true_cfg, distilled
+            return Guidance(distilled=distilled)
+        negative = Conditioning(*self.encode_prompt(negatives(negative_prompt, len(prompts))))
+        return Guidance(distilled=distilled, negative=negative, cfg=true_cfg)
 
 
 class SD3Pipeline(Pipeline):
@@ -281,17 +289,19 @@ class SD3Pipeline(Pipeline):
     def sigmas(self, steps: int, latent_h: int, latent_w: int) -> Tensor:
         return sd3_sigmas(steps)
 
-    def _guidance(self, prompts, guidance, negative_prompt, true_cfg):
-        if guidance <= 1:
-            return None, 1.0, None
-        return self._conditioning(_negatives(negative_prompt or "", len(prompts))), guidance, None
+    def guidance_for(self, prompts, guidance, negative_prompt, true_cfg) -> Guidance:
+        if guidance <= 1:  # no CFG (SD3.5 Large Turbo)
+            return Guidance()
+        negative = Conditioning(*self.encode_prompt(negatives(negative_prompt or "", len(prompts))))
+        return Guidance(negative=negative, cfg=guidance)
 
 
-def _negatives(negative_prompt: str | list[str], n: int) -> list[str]:
+def negatives(negative_prompt: str | list[str], n: int) -> list[str]:
+    """The negative prompt for each of n prompts (one string is used for all)."""
     negs = [negative_prompt] * n if isinstance(negative_prompt, str) else as_prompts(negative_prompt)
     if len(negs) != n:
         raise ValueError(f"{len(negs)} negative prompts for {n} prompts")
     return negs
 
 
-PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline}
+PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline}  # family -> class (load_pipeline picks by the transformer's)

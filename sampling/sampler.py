@@ -1,34 +1,41 @@
-"""The flow-matching Euler sampler and the guided velocity it integrates.
+"""The sampler: `denoise`, one loop over the noise levels, each step a few model calls and an Euler step.
 
-The models predict the velocity `v = noise - image` of the straight path `x_t = t noise + (1 - t) image`,
-so one Euler step from t to t_next is `x + (t_next - t) v`. Guidance:
-- distilled (FLUX-dev): the scale is an input of the model (`guidance=[B]`);
-- classifier-free (SD3/3.5, optionally FLUX as `true_cfg`): the negative and positive branches run in
-  one batch and `v = v_neg + cfg (v_pos - v_neg)`;
-- skip-layer guidance (SD3/3.5, on top of CFG, in a window of steps): a third branch, the positive one
-  with some joint blocks skipped, pushes away from it: `v += slg (v_pos - v_skip)`.
-TACA's temperature and the LoRA gate are resolved per step from the noise level (sampling/taca.py),
-and act on every branch alike; the gate acts only in a run given a temperature, so a LoRA used without
-TACA stays on throughout.
+The models predict the velocity `v = noise - image` of the straight path `x_t = t noise + (1 - t) image`
+(rectified flow; SD3 paper, arXiv 2403.03206, section 2), so one Euler step from t to t_next is
+`x + (t_next - t) v` (BFL flux `src/flux/sampling.py` `denoise`). In each step, in this order:
+- TACA: the temperature for this noise level (sampling/taca.py; None is plain attention);
+- the LoRA gate: in a run given a temperature, every LoRA adapter is off in the steps where it is
+  None, as TACA's authors use their LoRA only in the steps with TACA on (Vchitect/TACA
+  `infer/pipeline_taca_flux.py`, `if i < 3`); a run without a temperature leaves the adapters as they are;
+- the model call(s), with the guidance (`Guidance`):
+  - distilled (FLUX-dev): the scale is an input of the model (`guidance=[B]`);
+  - classifier-free (SD3/3.5; FLUX's optional "true CFG"): the negative and positive prompts run in
+    one batch [negative | positive] and `v = v_neg + cfg (v_pos - v_neg)` (Diffusers
+    `pipelines/flux/pipeline_flux.py`, `true_cfg_scale`; SAI sd3.5 `sd3_impls.py` `CFGDenoiser`);
+  - skip-layer guidance (SD3/3.5, on top of CFG, in a window of steps): a third branch, the positive
+    prompts with some joint blocks skipped, and `v += scale (v_pos - v_skip)` (Diffusers
+    `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`, `skip_guidance_layers`);
+- the Euler step.
+TACA's temperature and the LoRA gate act on every branch alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .taca import TemperatureSpec, lora_gate, repeat_for_batch, temperature_at
+from mmdit.lora import lora_enabled
 
-Velocity = Callable[[Tensor, Tensor], Tensor]  # (x, t) -> v
+from .taca import TemperatureSpec, repeat_for_batch, temperature_at
 
 
-@dataclass
+@dataclass(frozen=True)
 class Conditioning:
-    """What the transformer receives about the prompt."""
+    """What the transformer receives about the prompts."""
 
     context: Tensor  # (B, L, D_context)
     pooled: Tensor  # (B, D_pooled)
@@ -37,7 +44,7 @@ class Conditioning:
 @dataclass(frozen=True)
 class SkipLayerGuidance:
     """SLG: at the noise levels `at`, `scale (v_pos - v_skip)` is added to the CFG velocity, v_skip being
-    the positive branch run with the joint blocks `layers` skipped (SD3's `skip_layers`)."""
+    the positive branch run with the joint blocks `layers` skipped (the SD3 model's `skip_layers`)."""
 
     layers: tuple[int, ...]
     scale: float = 2.8
@@ -54,61 +61,54 @@ def slg_window(sigmas: Tensor, start: float = 0.01, stop: float = 0.2) -> frozen
     return frozenset(float(sigmas[i]) for i in range(n) if n * start < i < n * stop)
 
 
-def combine(v_neg: Tensor, v_pos: Tensor, cfg: float, v_skip: Tensor | None = None, slg: float = 0.0) -> Tensor:
-    """CFG, then (given v_skip) SLG's term, in Diffusers' order. Every v: (B, C, h, w)."""
-    v = v_neg + cfg * (v_pos - v_neg)
-    if v_skip is not None:
-        v = v + slg * (v_pos - v_skip)
-    return v
+@dataclass(frozen=True)
+class Guidance:
+    """How the prompts steer the velocity; the defaults are none at all (the model's velocity as is)."""
+
+    distilled: float | None = None  # FLUX-dev: the guidance scale, an input of the model
+    negative: Conditioning | None = None  # classifier-free guidance: the negative prompts (None: no CFG)
+    cfg: float = 1.0  # its scale: v_neg + cfg (v_pos - v_neg)
+    slg: SkipLayerGuidance | None = None  # skip-layer guidance, on top of CFG
+
+    def __post_init__(self):
+        if self.slg is not None and self.negative is None:
+            raise ValueError("skip-layer guidance works on top of classifier-free guidance: give a CFG scale > 1")
 
 
-def euler(velocity: Velocity, x: Tensor, sigmas: Tensor, progress: bool = False) -> Tensor:
-    """Integrate from sigmas[0] down to sigmas[-1]. x: (B, C, h, w), sigmas: (N + 1,).
-
-    Keep sigmas on the CPU: then every per-step decision (TACA's schedule, the LoRA gate, SLG's window)
-    reads a host number, and a GPU run never waits for the device between steps.
-    """
-    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
-        t, t_next = sigmas[i], sigmas[i + 1]
-        x = x + (t_next - t) * velocity(x, t)
-    return x
-
-
-def guided_velocity(
+def denoise(
     model: nn.Module,
+    x: Tensor,
+    sigmas: Tensor,
     cond: Conditioning,
-    negative: Conditioning | None = None,
-    cfg: float = 1.0,
-    guidance: float | None = None,
+    guidance: Guidance = Guidance(),
     temperature: TemperatureSpec = None,
     gate_lora: bool = True,
-    slg: SkipLayerGuidance | None = None,
-) -> Velocity:
-    """The velocity the sampler follows (float32): the model with its guidance, CFG, SLG and per-step TACA."""
-    if slg is not None and negative is None:
-        raise ValueError("skip-layer guidance works on top of classifier-free guidance: give a CFG scale > 1")
-    B = cond.context.shape[0]
-    if negative is not None:  # one batch: [negative | positive]
-        context = torch.cat((negative.context, cond.context))
-        pooled = torch.cat((negative.pooled, cond.pooled))
-    else:
-        context, pooled = cond.context, cond.pooled
-    n = context.shape[0]
+    progress: bool = False,
+) -> Tensor:
+    """Integrate the guided velocity from sigmas[0] down to sigmas[-1]: x (B, C, h, w) float32, noise at
+    sigmas[0] -> the latents. sigmas: (N + 1,), on the CPU, so that every per-step decision (TACA's
+    schedule, the LoRA gate, SLG's window) reads a host number and a GPU never waits between steps.
+    temperature: TACA's, a number, a [2, 2] / [B, H, 2, 2] matrix or a function of t (sampling/taca.py).
+    """
+    B, neg, slg = x.shape[0], guidance.negative, guidance.slg
+    context, pooled = cond.context, cond.pooled
+    if neg is not None:  # CFG: one batch [negative | positive]
+        context, pooled = torch.cat((neg.context, context)), torch.cat((neg.pooled, pooled))
+    n = context.shape[0]  # B, or 2B with CFG
+    g = None if guidance.distilled is None else torch.full((n,), float(guidance.distilled), device=x.device)
     gate_lora = gate_lora and temperature is not None  # a run without TACA leaves any LoRA as it is
-    g = None if guidance is None else torch.full((n,), float(guidance), device=context.device)
-
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        temp = temperature_at(temperature, t)
-        xs = torch.cat([x] * (n // B))
-        ts = torch.full((n,), float(t), device=x.device)  # a fill, not a copy: no sync for a host t
-        v_skip = None
-        with lora_gate(model, temp is not None or not gate_lora):
-            v = model(xs, ts, context, pooled, guidance=g, temperature=repeat_for_batch(temp, n // B))
-            if slg is not None and float(t) in slg.at:  # the positive branch alone (B), blocks skipped
-                v_skip = model(x, ts[:B], cond.context, cond.pooled, temperature=temp, skip_layers=slg.layers).float()
-        if negative is None:
-            return v.float()
-        v_neg, v_pos = v.float().chunk(2)
-        return combine(v_neg, v_pos, cfg, v_skip, slg.scale if slg else 0.0)
-
-    return velocity
+    for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
+        t, t_next = float(sigmas[i]), float(sigmas[i + 1])
+        temp = temperature_at(temperature, t)  # None: plain attention in this step
+        ts = torch.full((n,), t, device=x.device)  # a fill, not a copy: no sync for a host t
+        with lora_enabled(model, False) if gate_lora and temp is None else nullcontext():
+            v = model(torch.cat([x] * (n // B)), ts, context, pooled, guidance=g,
+                      temperature=repeat_for_batch(temp, n // B)).float()  # (n, C, h, w)
+            if neg is not None:
+                v_neg, v_pos = v.chunk(2)
+                v = v_neg + guidance.cfg * (v_pos - v_neg)
+                if slg is not None and t in slg.at:  # the positive branch alone (B), blocks skipped
+                    v_skip = model(x, ts[:B], cond.context, cond.pooled, temperature=temp, skip_layers=slg.layers)
+                    v = v + slg.scale * (v_pos - v_skip.float())
+        x = x + (t_next - t) * v
+    return x

@@ -1,15 +1,18 @@
 """Flow-matching noise schedules: the noise levels `t` (sigma) visited by the sampler, from 1 down to 0.
 
-Both families shift a uniform grid toward high noise with one formula (../shared/FORMATS.md 6.1, 6.2):
+Both families shift a uniform grid toward high noise with one formula:
 
     shift(t) = s * t / (1 + (s - 1) * t)
 
-FLUX writes it `exp(mu) / (exp(mu) + (1/t - 1))`, the same thing with `s = exp(mu)`, where `mu` grows
-linearly with the image token count (0.5 at 256 tokens, 1.15 at 4096); schnell is not shifted. SD3
-uses a fixed `s = 3.0`. The grids are Diffusers' `FlowMatchEulerDiscreteScheduler`'s: FLUX shifts
-`linspace(1, 1/N, N)`; SD3 shifts `linspace(sigma_max, sigma_min, N)` where sigma_min is the shifted
-smallest training level t = 1/1000 (so SD3's grid is shifted twice, as in SAI's and Diffusers' code).
-Every schedule returned here ends with 0 and has N + 1 entries for N steps.
+FLUX writes it `exp(mu) / (exp(mu) + (1/t - 1))` (BFL flux `src/flux/sampling.py` `time_shift`), the
+same thing with `s = exp(mu)`, where `mu` grows linearly with the image token count (0.5 at 256
+tokens, 1.15 at 4096: `get_lin_function`); schnell is not shifted. SD3 uses a fixed `s = 3.0` (SAI
+sd3.5 `sd3_infer.py`, `SHIFT = 3.0`). The grids are Diffusers' (`schedulers/
+scheduling_flow_match_euler_discrete.py`, `FlowMatchEulerDiscreteScheduler`): FLUX shifts
+`linspace(1, 1/N, N)` (`pipelines/flux/pipeline_flux.py`); SD3 shifts `linspace(sigma_max, sigma_min, N)`
+where sigma_min is the shifted smallest training level t = 1/1000, so SD3's grid is shifted twice, as
+in SAI's `sd3_impls.py` and Diffusers' code. Every schedule returned here ends with 0 and has N + 1
+entries for N steps.
 """
 
 from __future__ import annotations

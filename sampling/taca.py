@@ -1,28 +1,23 @@
-"""TACA at sampling time: which temperature each step uses, and the gate that ties a TACA LoRA to it.
+"""TACA at sampling time: the temperature of each step.
 
-The temperature of a run may be a number (the paper's gamma), a `[2, 2]` matrix (see
-mmdit/attention.py), or a function of the noise level t in [0, 1] returning either, or None.
-`TacaSchedule` is the paper's piecewise gamma: gamma0 while the model's timestep `1000 t` is at least
-970, 1 after; with FLUX-dev at 30 steps and 1024x1024 that is the first three steps, the steps the
-authors' code (Vchitect/TACA `if i < 3`) treats. A temperature equal to 1 is passed to the model as
-None: exactly plain attention, at no cost.
-
-The authors also enable their LoRA only in the steps where TACA is active and unload it after
-(../shared/FORMATS.md 7.5); `lora_gate` does that with `mmdit.lora.lora_enabled` (a no-op for a
-model without adapters; the gate can be turned off, leaving the LoRA on for every step).
+The temperature of a run may be a number (the paper's gamma), a `[2, 2]` matrix or a per-sample
+`[B, H, 2, 2]` one (see mmdit/attention.py), or a function of the noise level t in [0, 1] returning
+either, or None. `TacaSchedule` is the paper's timestep-dependent gamma (arXiv 2506.07986): gamma0
+while the model's timestep `1000 t` is at least 970, 1 after; with FLUX-dev at 30 steps and 1024x1024
+that is the first three steps, the steps the authors' code treats (Vchitect/TACA
+`infer/pipeline_taca_flux.py`, `if i < 3`). A temperature equal to 1 is passed to the model as None:
+exactly plain attention, at no cost. The sampler (sampling/sampler.py) also gates a LoRA by it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmdit.attention import Temperature
-from mmdit.lora import lora_enabled
 
 TemperatureSpec = Temperature | Callable[[float], Temperature]
 
@@ -51,11 +46,6 @@ def temperature_at(spec: TemperatureSpec, t: float) -> Temperature:
     """The temperature for noise level t, as the model takes it (None where it is 1)."""
     value = spec(float(t)) if callable(spec) else spec
     return None if is_plain(value) else value
-
-
-def lora_gate(model: nn.Module, active: bool) -> AbstractContextManager:
-    """Every LoRA adapter off for this step unless `active`; when active, the adapters keep their own states."""
-    return nullcontext() if active else lora_enabled(model, False)
 
 
 def repeat_for_batch(temperature: Temperature, n: int) -> Temperature:

@@ -14,10 +14,25 @@ import functools
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
+import transformers
 from builders import TINY_FLUX, diffusers_flux, randomize_
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from einops import rearrange
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import Unigram
+
+from mmdit.lora import adapters, inject_lora
 
 PROMPTS = ["a photo of a cat", "a red dog on the table"]
 T5_LEN = 16  # max_sequence_length for both families in the tests
@@ -46,8 +61,6 @@ def write_clip_vocab(folder: Path) -> int:
 
 
 def write_spiece(folder: Path) -> Path:
-    import sentencepiece as spm
-
     folder.mkdir(parents=True, exist_ok=True)
     lines = [" ".join(CORPUS[i:] + CORPUS[:i]) for i in range(len(CORPUS))]
     (folder / "corpus.txt").write_text("\n".join(lines * 5), encoding="utf-8")
@@ -60,8 +73,6 @@ def write_spiece(folder: Path) -> Path:
 
 def hf_tokenizers(work: Path):
     """(CLIP tokenizer padding with EOS, CLIP tokenizer padding with "!", T5 tokenizer), transformers classes."""
-    import transformers
-
     n_clip = write_clip_vocab(work / "clip_vocab")
     clip = transformers.CLIPTokenizer.from_pretrained(str(work / "clip_vocab"), pad_token="<|endoftext|>", model_max_length=77)
     clip_g = transformers.CLIPTokenizer.from_pretrained(str(work / "clip_vocab"), pad_token="!", model_max_length=77)
@@ -71,12 +82,7 @@ def hf_tokenizers(work: Path):
 def t5_tokenizer(spiece: Path):
     """transformers' T5TokenizerFast over the sentencepiece pieces, built as its converter does (Unigram,
     Metaspace, `</s>` appended) without the protobuf package the converter would need."""
-    import sentencepiece
-    import transformers
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(spiece))
+    sp = spm.SentencePieceProcessor(model_file=str(spiece))
     tok = Tokenizer(Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())], unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
@@ -86,8 +92,6 @@ def t5_tokenizer(spiece: Path):
 
 
 def clip_encoder(vocab: int, hidden: int, projection: bool, seed: int, act: str = "quick_gelu"):
-    import transformers
-
     cfg = transformers.CLIPTextConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
         num_attention_heads=2, max_position_embeddings=77, hidden_act=act, projection_dim=hidden,
@@ -98,8 +102,6 @@ def clip_encoder(vocab: int, hidden: int, projection: bool, seed: int, act: str 
 
 
 def t5_encoder(d_model: int, seed: int):
-    import transformers
-
     cfg = transformers.T5Config(
         vocab_size=64, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=128,
@@ -109,8 +111,6 @@ def t5_encoder(d_model: int, seed: int):
 
 
 def vae(scaling: float, shift: float, seed: int):
-    from diffusers import AutoencoderKL
-
     ae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -135,10 +135,6 @@ def save_like_the_hub(pipe, folder: Path, work: Path) -> None:
 
 def tiny_flux_pipeline(work: Path, schnell: bool = False):
     """A Diffusers FluxPipeline with tiny random parts, saved to work/'flux'. Returns (pipe, folder)."""
-    from dataclasses import replace
-
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
     clip, _, t5, n_clip = hf_tokenizers(work)
     p = replace(TINY_FLUX, guidance_embed=not schnell)
     sched = (dict(shift=1.0, use_dynamic_shifting=False) if schnell else
@@ -159,8 +155,6 @@ def tiny_flux_pipeline(work: Path, schnell: bool = False):
 
 
 def tiny_sd3_transformer():
-    from diffusers import SD3Transformer2DModel
-
     return SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=2,
         joint_attention_dim=128, caption_projection_dim=64, pooled_projection_dim=32 + 48, out_channels=16,
@@ -170,8 +164,6 @@ def tiny_sd3_transformer():
 
 def tiny_sd3_pipeline(work: Path, with_t5: bool = True):
     """A Diffusers StableDiffusion3Pipeline (SD3.5-Medium-like: qk-norm, one MMDiT-X layer), saved to work/'sd3'."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
     clip, clip_g, t5, n_clip = hf_tokenizers(work)
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -196,15 +188,11 @@ def flux_noise(batch: int, height: int, width: int, seed: int = 0) -> torch.Tens
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """FLUX's 2x2 packing, as Diffusers' FluxPipeline takes `latents=`: (B, C, h, w) -> (B, h/2 * w/2, 4C)."""
-    from einops import rearrange
-
     return rearrange(latents, "B C (h ph) (w pw) -> B (h w) (C ph pw)", ph=2, pw=2)
 
 
 def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Inverse of `pack`: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
-    from einops import rearrange
-
     return rearrange(packed, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=h // 2, ph=2, pw=2)
 
 
@@ -225,8 +213,6 @@ def built(kind: str):
 
 def random_lora(model, std: float, name: str = "taca", rank: int = 4) -> None:
     """A LoRA on every attention projection with random B (a fresh one is zero: no effect), in place."""
-    from mmdit.lora import adapters, inject_lora
-
     inject_lora(model, name, rank=rank)
     with torch.no_grad():
         for _, _, a in adapters(model):

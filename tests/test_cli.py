@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +13,13 @@ import torch
 from PIL import Image
 from pipeline_builders import built, random_lora
 
-from sampling import TacaSchedule, load_pipeline
-from sampling.cli import main, version
+from convert import load_lora, save_lora
+from mmdit.probe import probe_attention
+from sampling import TacaSchedule, load_pipeline, load_pipeline_lora
+from sampling.cli import add_probe, add_sample, main, version
 
 PROMPT = "a photo of a cat"
+ROOT = Path(__file__).parent.parent
 
 
 def pixels(image: Image.Image) -> torch.Tensor:
@@ -53,10 +58,10 @@ def test_sample_sd3_defaults_and_negative(tmp_path):
     assert torch.equal(pixels(image), pixels(expected))
 
 
-def test_without_model_and_without_the_shipped_one_says_to_pass_one(monkeypatch, tmp_path):
-    monkeypatch.setattr("sampling.cli.DEFAULT_MODEL", tmp_path / "missing")
-    with pytest.raises(SystemExit, match="pass --model SOURCE"):
-        main(["sample", PROMPT])
+def test_without_model_and_without_the_shipped_one_says_to_pass_one(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("sampling.loading.DEFAULT_MODEL", tmp_path / "missing")
+    assert main(["sample", PROMPT, "-o", str(tmp_path / "x.png")]) == 2
+    assert "pass --model SOURCE" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
 def test_bad_size(capsys):
@@ -66,15 +71,12 @@ def test_bad_size(capsys):
 
 
 def test_python_m_sampling_is_the_cli():
-    root = Path(__file__).parent.parent
-    run = subprocess.run([sys.executable, "-m", "sampling", "--help"], capture_output=True, text=True, cwd=root)
+    run = subprocess.run([sys.executable, "-m", "sampling", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0 and "sample" in run.stdout and "usage: mmdit" in run.stdout
 
 
 def test_sample_with_a_taca_lora(tmp_path):
     """--lora with --taca: the file is applied, and gated to the TACA steps, as in `generate`."""
-    from convert import load_lora, save_lora
-
     _, folder = built("flux")
     pipe = load_pipeline(folder)
     random_lora(pipe.transformer, std=0.2)
@@ -102,3 +104,66 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     assert main(["sample", "a red circle", "--steps", "0", "-o", str(out)]) == 2  # 0 is not "the default"
     assert "steps must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_sample_and_probe_take_the_same_run_flags():
+    """One set of flags for a run: every flag of `mmdit sample` but -o and --upscale means the same to `mmdit probe`."""
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_sample(sub)
+    add_probe(sub)
+    run = [PROMPT, "--model", "m", "--steps", "3", "--guidance", "2.5", "--negative", "blurry", "--true-cfg", "2",
+           "--slg", "7", "8", "--slg-scale", "2", "--slg-start", "0.1", "--slg-stop", "0.5", "--seed", "4",
+           "--taca", "1.2", "--taca-until", "0.9", "--lora", "a.safetensors", "--lora-scale", "0.7", "--size", "64x32",
+           "--device", "cpu", "--dtype", "fp32", "--offload", "stream", "--offload-encoders"]
+    sample, probe = (vars(parser.parse_args([c, *run])) for c in ("sample", "probe"))
+    for own in ("command", "func", "output", "upscale"):
+        sample.pop(own), probe.pop(own, None)
+    assert sample == probe and sample["slg"] == [7, 8] and sample["size"] == (64, 32)
+    defaults = {c: vars(parser.parse_args([c, PROMPT])) for c in ("sample", "probe")}
+    assert defaults["sample"]["seed"] is None and defaults["probe"]["seed"] == 0  # random for sample; 0 for the probe
+    assert defaults["sample"]["output"] == Path("out.png") and defaults["probe"]["output"] == Path("probe.csv")
+
+
+def test_probe_with_negative_true_cfg_lora_and_offload(tmp_path):
+    """The probe runs what `mmdit sample` would: here FLUX with true CFG, a gated TACA LoRA and every part offloaded."""
+    _, folder = built("flux")
+    pipe = load_pipeline(folder)
+    random_lora(pipe.transformer, std=0.2)
+    save_lora(pipe.transformer, tmp_path / "taca.safetensors", "taca")
+    out = tmp_path / "probe.csv"
+    assert main(["probe", PROMPT, "--model", str(folder), "--steps", "2", "--size", "32x48", "--negative", "blurry",
+                 "--true-cfg", "2", "--taca", "1.3", "--taca-until", "0.5", "--lora", str(tmp_path / "taca.safetensors"),
+                 "--lora-scale", "0.5", "--offload", "model", "-o", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    fresh = load_pipeline(folder)
+    load_pipeline_lora(fresh, tmp_path / "taca.safetensors", scale=0.5)
+    with probe_attention(fresh.transformer) as probe:
+        fresh.generate(PROMPT, height=48, width=32, steps=2, guidance=3.5, seed=0, negative_prompt="blurry",
+                       true_cfg=2.0, temperature=TacaSchedule(1.3, 0.5), output="latent")
+    assert len(rows) == len(probe.records) == 2 * 4  # 2 steps x 4 blocks, one model call per step
+    for r, rec in zip(rows, probe.records):
+        assert rec.text_mass.shape[0] == 2  # the CFG batch [negative | positive]
+        assert float(r["text_mass"]) == pytest.approx(rec.text_mass[-1].mean().item(), rel=1e-5)
+    text = Image.open(out.with_suffix(".png")).text
+    assert (text["negative"], text["true_cfg"], text["lora"]) == ("blurry", "2.0", "taca.safetensors x0.5")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_mmdit_command_has_train_and_sample_imports_nothing_from_training(tmp_path):
+    """The `mmdit` command (cli.py) adds `train`; `mmdit sample` imports no training module (the layers:
+    sampling never imports training, only the command above both does)."""
+    out = tmp_path / "x.png"
+    code = ("import sys, cli; rc = cli.main(['sample', 'a red circle', '--steps', '1', '--seed', '0', '-o', %r]); "
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'training'))" % str(out))
+    run = run_python(code)
+    assert run.stdout.splitlines()[-1] == "0 []", run.stderr
+    assert Image.open(out).text["seed"] == "0"
+    run = run_python("import cli; cli.main(['--help'])")
+    assert "usage: mmdit" in run.stdout and all(c in run.stdout for c in ("sample", "probe", "train"))
+    run = run_python("import cli; cli.main(['train', '--help'])")
+    assert "--taca-gamma" in run.stdout

@@ -15,6 +15,8 @@ import re
 import pytest
 import torch
 from builders import rel_err
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from pipeline_builders import PROMPTS, T5_LEN, built, flux_noise, pack, unpack
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -47,9 +49,6 @@ KOHYA = {"flux": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
 
 def peft_copy(model, seed: int, **cfg):
     """A copy of a transformers encoder with a random PEFT LoRA: (copy, PEFT state dict, LoraConfig)."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     model = copy.deepcopy(model)
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, **cfg)
     model.add_adapter(config, adapter_name="x")
@@ -109,8 +108,6 @@ def add_diffusers_keys(src, dst, component: str, sd: dict, config) -> None:
 def build(family: str, d):
     """Diffusers' tiny pipeline (shared, left unchanged), PEFT copies of its encoders, the oracle outputs
     and the LoRA files; the FLUX file also holds a transformer LoRA."""
-    from peft.utils import get_peft_model_state_dict
-
     ref, folder = built(family)
     loras = {c: peft_copy(getattr(ref, c), seed=i, **cfg) for i, (c, cfg) in enumerate(ENCODERS[family].items())}
     oracle = type(ref)(**{**ref.components, **{c: m for c, (m, _, _) in loras.items()}})

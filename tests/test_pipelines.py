@@ -17,7 +17,8 @@ from pipeline_builders import PROMPTS, T5_LEN, built, flux_noise, pack, random_l
 
 from convert.files import save_safetensors_atomic
 from sampling import TacaSchedule, load_pipeline
-from sampling.pipeline import FluxPipeline, SD3Pipeline, to_pil
+from sampling.parts import Part, find_parts
+from sampling.pipeline import DEFAULTS, FluxPipeline, SD3Pipeline, defaults_for, to_pil, variant_of
 
 H, W = 64, 48
 TOL = 1e-4
@@ -204,8 +205,6 @@ def _sai_parts(pipe):
 
 
 def test_sai_parts_are_found_bundled_or_beside(sd3, tmp_path):
-    from sampling.loading import Part, find_parts
-
     _, folder, pipe = sd3
     file = tmp_path / "sd3.5_large.safetensors"
     save_safetensors_atomic({p + k: v for p, m in _sai_parts(pipe).items() for k, v in m.state_dict().items()}, file)
@@ -248,8 +247,6 @@ def test_sd3_sai_single_file(sd3, tmp_path, bundled):
 
 
 def test_turbo_comes_from_the_name(sd3):
-    from sampling.pipeline import DEFAULTS, defaults_for, variant_of
-
     class Large(torch.nn.Module):
         variant = "sd3.5-large"
 

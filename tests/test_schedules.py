@@ -1,4 +1,5 @@
-"""Schedules, the Euler step, CFG and the TACA schedule, against Diffusers' FlowMatchEulerDiscreteScheduler."""
+"""Schedules, the sampler's step (Euler, CFG, distilled guidance, TACA, the LoRA gate), against Diffusers'
+FlowMatchEulerDiscreteScheduler and the formulas written out."""
 
 import math
 
@@ -9,7 +10,8 @@ from builders import rel_err
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from sampling.sampler import Conditioning, euler, guided_velocity
+from mmdit.lora import adapters, inject_lora
+from sampling.sampler import Conditioning, Guidance, SkipLayerGuidance, denoise
 from sampling.schedules import flux_mu, flux_sigmas, given_sigmas, sd3_sigmas, shift_sigmas
 from sampling.taca import TacaSchedule, is_plain, temperature_at
 
@@ -64,20 +66,30 @@ def test_given_sigmas():
         flux_sigmas(0, 256)
 
 
-def test_euler_matches_scheduler_step():
+class Field(torch.nn.Module):
+    """A stand-in transformer whose velocity depends on x and t: `x A + t`."""
+
+    def __init__(self, A):
+        super().__init__()
+        self.A = A
+
+    def forward(self, x, t, context, pooled, guidance=None, temperature=None):
+        return x @ self.A + t[:, None]
+
+
+def test_denoise_matches_scheduler_step():
     """Our loop and Diffusers' scheduler.step agree on a velocity field that depends on x and t."""
     g = torch.Generator().manual_seed(0)
     A, x0 = torch.randn(8, 8, generator=g) / 4, torch.randn(2, 8, generator=g)
-
-    def v(x, t):
-        return x @ A + t
+    field = Field(A)
 
     sched = FlowMatchEulerDiscreteScheduler(**SD3_SCHED)
     sched.set_timesteps(7)
     ref = x0.clone()
     for ts in sched.timesteps:
-        ref = sched.step(v(ref, ts / 1000), ts, ref, return_dict=False)[0]
-    ours = euler(v, x0.clone(), sd3_sigmas(7))
+        ref = sched.step(field(ref, (ts / 1000).expand(2), None, None), ts, ref, return_dict=False)[0]
+    cond = Conditioning(torch.zeros(2, 1, 1), torch.zeros(2, 1))
+    ours = denoise(field, x0.clone(), sd3_sigmas(7), cond)
     assert rel_err(ours, ref) < 1e-5
     assert rel_err(ours, x0) > 1e-2  # the field did move x
 
@@ -95,23 +107,32 @@ class Recorder(torch.nn.Module):
 
 
 def test_cfg_one_batch_formula():
+    """One step from t = 0.5 to 0: x - 0.5 (v_neg + cfg (v_pos - v_neg)), both branches in one batch."""
     g = torch.Generator().manual_seed(1)
     pos = Conditioning(torch.randn(2, 5, 4, generator=g), torch.randn(2, 3, generator=g))
     neg = Conditioning(torch.randn(2, 5, 4, generator=g), torch.randn(2, 3, generator=g))
-    x, t = torch.randn(2, 4, 2, 2, generator=g), torch.tensor(0.5)
+    x, sigmas = torch.randn(2, 4, 2, 2, generator=g), torch.tensor([0.5, 0.0])
     model = Recorder()
-    v = guided_velocity(model, pos, neg, cfg=4.5)(x, t)
-    v_pos = guided_velocity(model, pos)(x, t)
-    v_neg = guided_velocity(model, neg)(x, t)
-    assert rel_err(v, v_neg + 4.5 * (v_pos - v_neg)) < 1e-6
-    assert [c["B"] for c in model.calls] == [4, 2, 2]  # both branches in one batch
+    ours = denoise(model, x, sigmas, pos, Guidance(negative=neg, cfg=4.5))
+    assert [c["B"] for c in model.calls] == [4]  # both branches in one batch
+    v_pos, v_neg = (model(x, torch.full((2,), 0.5), *c) for c in ((pos.context, pos.pooled), (neg.context, neg.pooled)))
+    assert rel_err(ours, x - 0.5 * (v_neg + 4.5 * (v_pos - v_neg))) < 1e-6
+    plain = denoise(model, x, sigmas, pos)
+    assert rel_err(plain, x - 0.5 * v_pos) < 1e-6 and rel_err(plain, ours) > 1e-2
 
 
 def test_distilled_guidance_passed_per_sample():
     model = Recorder()
     cond = Conditioning(torch.ones(3, 2, 4), torch.ones(3, 5))
-    guided_velocity(model, cond, guidance=3.5)(torch.zeros(3, 4, 2, 2), torch.tensor(1.0))
+    denoise(model, torch.zeros(3, 4, 2, 2), torch.tensor([1.0, 0.0]), cond, Guidance(distilled=3.5))
     assert model.calls[0]["guidance"].tolist() == [3.5, 3.5, 3.5]
+    denoise(model, torch.zeros(3, 4, 2, 2), torch.tensor([1.0, 0.0]), cond, Guidance(distilled=3.5, negative=cond, cfg=2))
+    assert model.calls[1]["guidance"].tolist() == [3.5] * 6  # the CFG batch: 2B
+
+
+def test_slg_needs_cfg():
+    with pytest.raises(ValueError, match="on top of classifier-free guidance"):
+        Guidance(slg=SkipLayerGuidance((0,)))
 
 
 def test_taca_schedule_first_three_steps_of_flux_dev_30():
@@ -136,9 +157,19 @@ def test_sampler_passes_scheduled_temperature():
     model = Recorder()
     cond = Conditioning(torch.ones(1, 2, 4), torch.ones(1, 5))
     sigmas = flux_sigmas(30, 4096)
-    euler(guided_velocity(model, cond, temperature=TacaSchedule(1.25)), torch.zeros(1, 4, 2, 2), sigmas)
+    denoise(model, torch.zeros(1, 4, 2, 2), sigmas, cond, temperature=TacaSchedule(1.25))
     assert [c["temperature"] for c in model.calls] == [1.25] * 3 + [None] * 27
     assert torch.equal(torch.stack([c["t"][0] for c in model.calls]), sigmas[:-1])
+
+
+def test_per_sample_temperature_is_repeated_for_the_cfg_batch():
+    model = Recorder()
+    cond = Conditioning(torch.ones(2, 2, 4), torch.ones(2, 5))
+    per_sample = torch.ones(2, 3, 2, 2)
+    per_sample[:, :, 1, 0] = torch.tensor([1.2, 1.4])[:, None]  # image queries x text keys, per sample
+    denoise(model, torch.zeros(2, 4, 2, 2), torch.tensor([1.0, 0.0]), cond, Guidance(negative=cond, cfg=2),
+            temperature=per_sample)
+    assert torch.equal(model.calls[0]["temperature"], torch.cat((per_sample, per_sample)))  # [negative | positive]
 
 
 class LoRAProbe(torch.nn.Module):
@@ -152,20 +183,18 @@ class LoRAProbe(torch.nn.Module):
         self.on = []
 
     def forward(self, x, t, context, pooled, guidance=None, temperature=None):
-        from mmdit.lora import adapters
-
         self.on.append(all(a.enabled for _, _, a in adapters(self)))
         return torch.zeros_like(x)
 
 
 @pytest.mark.parametrize("gate", [True, False])
 def test_lora_gate_follows_the_taca_schedule(gate):
-    from mmdit.lora import adapters, inject_lora
-
     model = LoRAProbe()
     inject_lora(model, "taca", rank=2, targets=["proj"])
     cond = Conditioning(torch.ones(1, 2, 4), torch.ones(1, 5))
-    euler(guided_velocity(model, cond, temperature=TacaSchedule(), gate_lora=gate), torch.zeros(1, 4, 2, 2),
-          flux_sigmas(30, 4096))
+    denoise(model, torch.zeros(1, 4, 2, 2), flux_sigmas(30, 4096), cond, temperature=TacaSchedule(), gate_lora=gate)
     assert model.on == ([True] * 3 + [False] * 27 if gate else [True] * 30)
     assert all(a.enabled for _, _, a in adapters(model))  # the user's state is back after each step
+    model.on.clear()
+    denoise(model, torch.zeros(1, 4, 2, 2), flux_sigmas(4, 4096), cond)  # no TACA: the LoRA simply on
+    assert model.on == [True] * 4

@@ -16,7 +16,8 @@ from pipeline_builders import PROMPTS, T5_LEN, built, flux_noise, random_lora
 
 from mmdit.lora import lora_enabled
 from sampling import TacaSchedule, load_pipeline
-from sampling.cli import DEFAULT_MODEL, main
+from sampling.cli import main
+from sampling.loading import DEFAULT_MODEL
 from sampling.sampler import slg_window
 from sampling.schedules import given_sigmas, sd3_sigmas
 
