@@ -38,7 +38,7 @@ from torch import Tensor
 
 import convert
 from sampling import TacaSchedule, load_pipeline
-from sampling.cli import default_model
+from sampling import default_model
 from scripts.scenes import BACKGROUND, COLORS, SHAPES, SIZE, draw_shape, heldout_prompts, parse
 
 MAX_DISTANCE = 0.35  # RGB distance in [0, 1] units within which a pixel takes a palette color

@@ -7,6 +7,8 @@ import platform
 import re
 from pathlib import Path
 
+from convert.files import write_atomic
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -26,5 +28,5 @@ def write_section(text: str) -> None:
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.M | re.S)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
+    write_atomic(RESULTS, lambda tmp: Path(tmp).write_text(new))
     print(f"wrote the section {heading!r} of {RESULTS}")

@@ -28,7 +28,7 @@ import convert
 from benchmarks.compbench import CATEGORIES, evaluate
 from benchmarks.results import machine, write_section
 from sampling import TacaSchedule, load_pipeline
-from sampling.cli import default_model
+from sampling import default_model
 from training import TrainConfig, train
 from scripts.scenes import heldout_prompts, write_dataset
 

@@ -30,7 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 from convert.files import write_atomic
 from mmdit.probe import probe_attention
 
-from .loading import DEFAULT_MODEL, default_model, load_pipeline  # noqa: F401 (DEFAULT_MODEL: re-exported)
+from .loading import default_model, load_pipeline
 from .lora import load_pipeline_lora
 from .offload import OFFLOAD
 from .pipeline import Pipeline

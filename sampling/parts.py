@@ -12,21 +12,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.autoencoder import PREFIXES as AE_PREFIXES  # the autoencoder inside an all-in-one file
+from convert.families import FAMILIES
+from convert.files import AUTOENCODER_PREFIXES as AE_PREFIXES
+from convert.files import BUNDLED_ENCODERS as BUNDLED
 from convert.files import Checkpoint
 
-ROLES = {"flux": ("clip_l", "t5"), "sd3": ("clip_l", "clip_g", "t5")}
-DIFFUSERS_DIRS = {  # role -> (encoder folder, tokenizer folder) in a Diffusers repo
-    "flux": {"clip_l": ("text_encoder", "tokenizer"), "t5": ("text_encoder_2", "tokenizer_2")},
-    "sd3": {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
-            "t5": ("text_encoder_3", "tokenizer_3")},
+# role -> (encoder folder, tokenizer folder) in a Diffusers repo (`text_encoder_2/` beside `tokenizer_2/`)
+DIFFUSERS_DIRS = {
+    family: {role: (folder, folder.replace("text_encoder", "tokenizer")) for folder, role in layout.DIFFUSERS_TEXT_ENCODERS.items()}
+    for family, layout in FAMILIES.items()
 }
-# SAI's encoder files (in `text_encoders/` of the SD3.5 repos; the first is the one to download) and
-# the key prefixes of the encoders bundled in an SAI single file
+ROLES = {family: tuple(dirs) for family, dirs in DIFFUSERS_DIRS.items()}  # the text encoders of each family
+# SAI's encoder files (in `text_encoders/` of the SD3.5 repos; the first is the one to download)
 SAI_FILES = {"clip_l": ["clip_l.safetensors"], "clip_g": ["clip_g.safetensors"],
              "t5": ["t5xxl_fp16.safetensors", "t5xxl.safetensors", "t5xxl_fp8_e4m3fn.safetensors"]}
-BUNDLED = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
-           "t5": "text_encoders.t5xxl.transformer."}
 
 
 @dataclass

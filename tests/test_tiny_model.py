@@ -19,7 +19,7 @@ import convert
 from benchmarks.compbench import score
 from mmdit.pixel_codec import PixelCodec, PixelCodecParams
 from sampling import load_pipeline
-from sampling.cli import DEFAULT_MODEL
+from sampling.loading import DEFAULT_MODEL
 from sampling.pipeline import Defaults
 from training import train
 from scripts.scenes import SIZE, to_tensor, write_dataset

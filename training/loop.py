@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import convert
-from convert.files import save_safetensors_atomic
+from convert.files import save_safetensors_atomic, write_atomic
 from mmdit.lora import inject_lora
 from sampling import TacaSchedule, load_pipeline
 from sampling.hub import resolve
@@ -146,8 +146,8 @@ def trainable_parameters(cfg: TrainConfig, model: nn.Module) -> dict[str, nn.Par
 def cut_log(path: Path, step: int) -> None:
     """Keep the lines of steps <= `step` (a resumed run's log continues its checkpoint's)."""
     lines = path.read_text().splitlines() if step and path.is_file() else []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{ln}\n" for ln in lines if json.loads(ln)["step"] <= step))
+    kept = "".join(f"{ln}\n" for ln in lines if json.loads(ln)["step"] <= step)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(kept))
 
 
 def train(
