@@ -13,7 +13,7 @@ from einops import rearrange
 from safetensors.torch import save_file
 
 import convert
-import mmdit.flux
+import mmdit.attention
 from convert import CheckpointError, load_transformer
 from convert.__main__ import inspect as inspect_checkpoint
 from mmdit.attention import attention_reference
@@ -109,7 +109,7 @@ def test_taca_matrix_equals_gamma_and_general_matrix_matches_reference(monkeypat
         # a general per-head matrix: the fused path equals explicit logits inside our own model
         T = torch.tensor([[[1.1, 0.9], [1.3, 1.0]], [[1.0, 1.2], [0.8, 1.05]]])
         fast = model(**args, temperature=T)
-        monkeypatch.setattr(mmdit.flux, "attention", attention_reference)
+        monkeypatch.setattr(mmdit.attention, "attention", attention_reference)  # what every JointAttention calls
         slow = model(**args, temperature=T)
     assert rel_err(fast, slow) <= 1e-5
 
@@ -181,7 +181,8 @@ def test_presets_are_the_official_configs():
         n_dev = sum(p.numel() for p in Flux(dev).parameters())
         n_schnell = sum(p.numel() for p in Flux(schnell).parameters())
         keys = Flux(dev).state_dict().keys()
-    assert (n_dev, n_schnell) == (11_901_408_320, 11_891_178_560)  # FORMATS.md 1.2
+    # the official files' safetensors headers (black-forest-labs/FLUX.1-dev, FLUX.1-schnell; docs/formats.md, FLUX BFL layout)
+    assert (n_dev, n_schnell) == (11_901_408_320, 11_891_178_560)
     assert len(keys) == 780
     assert dev.head_dim == 128 and schnell.guidance_embed is False
 

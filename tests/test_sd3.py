@@ -23,8 +23,8 @@ from convert.sd3 import params_from_diffusers_config, params_from_sai, variant_n
 from mmdit.attention import as_temperature_matrix
 from mmdit.sd3 import PRESETS, SD3, SD3Params
 
-# head_dim 64 as in the real models; a 16 x 16 position table (latents up to 32 x 32)
-_TINY = SD3Params(depth=2, pos_embed_max_size=16, adm_in_channels=32, context_in_dim=48)
+# SD3's tiny layout (head_dim 64 as in the real models), narrow inputs, a 16 x 16 position table (latents up to 32 x 32)
+_TINY = replace(PRESETS["sd3-medium"].tiny(), pos_embed_max_size=16, adm_in_channels=32, context_in_dim=48)
 CASES = {
     "sd3-medium-like": _TINY,
     "sd3.5-large-like": replace(_TINY, depth=3, qk_norm=True),
@@ -203,7 +203,7 @@ def test_inspect(pair, capsys):
     assert f"depth = {p.depth}" in out and f"x_block_self_attn_layers = {list(p.x_block_self_attn_layers)}" in out
 
 
-# Official transformer/config.json values (FORMATS.md 3.2)
+# Official `transformer/config.json` values (stabilityai/stable-diffusion-3-medium-diffusers, -3.5-large, -3.5-medium)
 OFFICIAL_CONFIGS = {
     "sd3-medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192),
     "sd3.5-large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
@@ -222,7 +222,7 @@ def test_presets_from_full_size_shapes(name):
     assert params_from_sai(ckpt) == PRESETS[name] and variant_name(PRESETS[name]) == name
     cfg = dict(attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048, **OFFICIAL_CONFIGS[name])
     assert params_from_diffusers_config(cfg) == PRESETS[name]
-    n_keys = {"sd3-medium": 491, "sd3.5-large": 923, "sd3.5-medium": 665}[name]  # FORMATS.md 3.2
+    n_keys = {"sd3-medium": 491, "sd3.5-large": 923, "sd3.5-medium": 665}[name]  # the SAI files (docs/formats.md, SD3 SAI layout)
     assert len(sd) == n_keys
 
 
