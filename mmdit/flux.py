@@ -70,7 +70,7 @@ class FluxParams:
         return int(self.hidden_size * self.mlp_ratio)
 
     def tiny(self) -> FluxParams:
-        """Same layout and input widths, two blocks of each kind, two heads of the real head dim (RoPE axes stay valid)."""
+        """Same layout and input widths, two blocks of each kind, two heads of the real head dim (RoPE stays valid)."""
         return replace(self, hidden_size=2 * self.head_dim, num_heads=2, depth=2, depth_single_blocks=2)
 
 
@@ -152,7 +152,7 @@ class DoubleStreamBlock(nn.Module):
     def forward(
         self, img: Tensor, txt: Tensor, vec_silu: Tensor, pe: tuple[Tensor, Tensor], temperature: Temperature = None
     ) -> tuple[Tensor, Tensor]:
-        """img: (B, L_img, D); txt: (B, L_txt, D); vec_silu: (B, D); pe: RoPE tables of `[txt | img]`. Returns (img, txt)."""
+        """img: (B, L_img, D); txt: (B, L_txt, D); vec_silu: (B, D); pe: RoPE of `[txt | img]`. Returns (img, txt)."""
         img_m1, img_m2 = self.img_mod(vec_silu)
         txt_m1, txt_m2 = self.txt_mod(vec_silu)
         img_q, img_k, img_v = self.img_attn.qk_v(img_m1(self.img_norm1(img)))

@@ -4,10 +4,10 @@ Attribute names follow the official checkpoints (BFL's `in_layer`/`out_layer`, R
 so an official file loads with a strict `load_state_dict`.
 
 Fused: adaLN `(1 + scale) * x + shift`, the gated residual `x + gate * y` and RoPE's rotation run as
-`torch.addcmul` (RoPE with a pre-signed sin table), the plain formula beside each. In eager mode each
-plain form is one more pass over the activations: `python -m benchmarks.step_time --cost` puts FLUX-dev's
-step floor 1.0% higher for plain adaLN, 1.0% for the plain gate and 2.1% for plain RoPE (10.5% for the
-three, all written out), so they stay fused. `torch.compile` fuses the plain forms alike.
+`torch.addcmul` (RoPE with a pre-signed sin table), the plain formula beside each. In eager mode a
+plain form makes more passes over the activations: `python -m benchmarks.step_time --cost` puts FLUX-dev's
+step floor 1.0% higher for plain adaLN, 1.0% for the plain gate, 8.5% for plain RoPE in fp32 (10.5% for
+all three), so they stay fused. `torch.compile` fuses the plain forms alike.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def rope_cos_sin(ids: Tensor, axes_dim: list[int], theta: int) -> tuple[Tensor, 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each pair (x0, x1) = (x[2k], x[2k+1]) by its angle, in fp32 (BFL's `apply_rope`). x: (B, H, L, D).
 
-    The rotation (x0 c - x1 s, x0 s + x1 c) is computed as x * (c, c) + (x1, x0) * (-s, s) (fused: see the module docstring):
-    bf16 x meets the fp32 tables inside each op, with no fp32 copy of x.
+    The rotation (x0 c - x1 s, x0 s + x1 c) is computed as x * (c, c) + (x1, x0) * (-s, s) (fused: see
+    the module docstring): bf16 x meets the fp32 tables inside each op, with no fp32 copy of x.
     """
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
-    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
+    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)  # per pair: (x0 cos - x1 sin, x0 sin + x1 cos)

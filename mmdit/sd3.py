@@ -220,7 +220,7 @@ class JointBlock(nn.Module):
 
 
 class SD3(WeightsModule):
-    """The SD3 / SD3.5 transformer: `model(x, t, context, pooled, guidance=None, temperature=None, skip_layers=()) -> v`."""
+    """The SD3 / SD3.5 transformer: `model(x, t, context, pooled, guidance=None, temperature=None) -> v`."""
 
     family = SD3Params.family
 

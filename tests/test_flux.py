@@ -5,6 +5,7 @@ import dataclasses
 import math
 import pickle
 from contextlib import contextmanager
+from typing import ClassVar
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from einops import rearrange
 from safetensors.torch import save_file
 
 import convert
+import mmdit
 import mmdit.attention
 from convert import CheckpointError, load_transformer
 from convert.__main__ import inspect as inspect_checkpoint
@@ -181,10 +183,28 @@ def test_presets_are_the_official_configs():
         n_dev = sum(p.numel() for p in Flux(dev).parameters())
         n_schnell = sum(p.numel() for p in Flux(schnell).parameters())
         keys = Flux(dev).state_dict().keys()
-    # the official files' safetensors headers (black-forest-labs/FLUX.1-dev, FLUX.1-schnell; docs/formats.md, FLUX BFL layout)
+    # the headers of the official files (black-forest-labs/FLUX.1-dev, -schnell; docs/formats.md, FLUX BFL layout)
     assert (n_dev, n_schnell) == (11_901_408_320, 11_891_178_560)
     assert len(keys) == 780
     assert dev.head_dim == 128 and schnell.guidance_embed is False
+
+
+def test_tiny_keeps_the_layout_and_build_model_picks_by_family():
+    for p in PRESETS.values():
+        tiny = p.tiny()
+        assert (tiny.depth, tiny.depth_single_blocks, tiny.num_heads) == (2, 2, 2)
+        assert (tiny.head_dim, tiny.axes_dim, tiny.in_channels, tiny.vec_in_dim, tiny.context_in_dim,
+                tiny.guidance_embed) == (p.head_dim, p.axes_dim, p.in_channels, p.vec_in_dim, p.context_in_dim,
+                                         p.guidance_embed)
+        model = mmdit.build_model(tiny)
+        assert type(model) is Flux and model.family == tiny.family == "flux" and model.params == tiny
+
+    @dataclasses.dataclass(frozen=True)
+    class OtherParams:
+        family: ClassVar[str] = "flux3"
+
+    with pytest.raises(ValueError, match="no model for the family 'flux3'; known: flux, sd3"):
+        mmdit.build_model(OtherParams())
 
 
 def test_errors_name_the_problem(tmp_path):

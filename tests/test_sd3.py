@@ -20,6 +20,7 @@ from convert import CheckpointError, detect_transformer, load_transformer, save_
 from convert.__main__ import main as convert_cli
 from convert.files import Checkpoint
 from convert.sd3 import params_from_diffusers_config, params_from_sai, variant_name
+from mmdit import build_model
 from mmdit.attention import as_temperature_matrix
 from mmdit.sd3 import PRESETS, SD3, SD3Params
 
@@ -222,8 +223,21 @@ def test_presets_from_full_size_shapes(name):
     assert params_from_sai(ckpt) == PRESETS[name] and variant_name(PRESETS[name]) == name
     cfg = dict(attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048, **OFFICIAL_CONFIGS[name])
     assert params_from_diffusers_config(cfg) == PRESETS[name]
-    n_keys = {"sd3-medium": 491, "sd3.5-large": 923, "sd3.5-medium": 665}[name]  # the SAI files (docs/formats.md, SD3 SAI layout)
+    # the SAI single files (docs/formats.md, SD3 SAI layout)
+    n_keys = {"sd3-medium": 491, "sd3.5-large": 923, "sd3.5-medium": 665}[name]
     assert len(sd) == n_keys
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_tiny_keeps_the_layout(name):
+    p = PRESETS[name]
+    tiny = p.tiny()
+    assert (tiny.depth, tiny.num_heads, tiny.head_dim) == (2, 2, p.head_dim)
+    assert (tiny.qk_norm, tiny.in_channels, tiny.adm_in_channels, tiny.context_in_dim) == (
+        p.qk_norm, p.in_channels, p.adm_in_channels, p.context_in_dim)
+    assert bool(tiny.x_block_self_attn_layers) == bool(p.x_block_self_attn_layers)  # MMDiT-X keeps an attn2
+    model = build_model(tiny)
+    assert type(model) is SD3 and model.family == tiny.family == "sd3" and model.params == tiny
 
 
 def test_bad_checkpoints(tmp_path):
