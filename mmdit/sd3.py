@@ -10,7 +10,8 @@ the key layout: docs/formats.md, SD3 SAI layout.
 
 Attribute names are SAI's checkpoint keys, so `sd3.5_large.safetensors` loads with a strict
 `load_state_dict`. TACA's temperature goes to every joint attention, never to `attn2` (it has no
-text tokens). Deviation from SAI: the timestep is `t` in [0, 1] (scaled by 1000 here), as in FLUX.
+text tokens). Deviations from SAI: the timestep is `t` in [0, 1] (scaled by 1000 here), as in FLUX;
+in half precision `ln_q` / `ln_k` (`nn.RMSNorm`) apply their weight before rounding (SAI and Diffusers after).
 
 Interface (shared by every family): `model(x, t, context, pooled, guidance=None, temperature=None) -> v`;
 SD3 also takes `skip_layers`, the joint blocks to skip (skip-layer guidance, sampling/sampler.py).
