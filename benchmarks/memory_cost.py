@@ -31,7 +31,7 @@ import argparse
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,9 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from mmdit.autoencoder import AutoEncoder
+from mmdit.clip import CLIPTextEncoder
+from mmdit.t5 import T5Encoder
 from sampling.offload import EVERY_PART, OFFLOAD, blocks_of
 
 from .step_cost import StepCost, _fused_ops_counted
@@ -56,6 +59,7 @@ from .step_time import (
     make_inputs,
     model_params,
     ours_step,
+    pipeline_configs,
     tensor_bytes,
     write_section,
 )
@@ -149,21 +153,10 @@ class Part:
 
 def pipeline_parts(tiny: bool) -> list[Part]:
     """T5, CLIP-L, the transformer and the autoencoder of FLUX.1-dev on the meta device, bf16, batch 1."""
-    from mmdit.autoencoder import AutoEncoder
-    from mmdit.autoencoder import preset as ae_preset
-    from mmdit.clip import CLIP_PRESETS, CLIPTextEncoder
-    from mmdit.t5 import T5_PRESETS, T5Encoder
-
     meta, dtype = torch.device("meta"), torch.bfloat16
     params = model_params("flux-dev", tiny)
-    t5_cfg, clip_cfg, ae_params = T5_PRESETS["t5-v1.1-xxl"], CLIP_PRESETS["clip-l"], ae_preset("flux")
+    t5_cfg, clip_cfg, ae_params = pipeline_configs(params, tiny)  # as step_time's pipeline
     latent, n_txt = (TINY_LATENT, TINY_TEXT_TOKENS["flux"]) if tiny else (LATENT, TEXT_TOKENS["flux"])
-    if tiny:  # as step_time's tiny pipeline
-        t5_cfg = replace(
-            t5_cfg, vocab_size=128, d_model=params.context_in_dim, num_heads=2, d_kv=32, d_ff=256, num_layers=1
-        )
-        clip_cfg = replace(clip_cfg, vocab_size=128, width=params.vec_in_dim, layers=1, heads=2, mlp_dim=256)
-        ae_params = replace(ae_params, ch=32, num_res_blocks=1)
     transformer = build_ours(params, meta, dtype)
     with meta, default_dtype(dtype):
         t5, clip, ae = T5Encoder(t5_cfg).eval(), CLIPTextEncoder(clip_cfg).eval(), AutoEncoder(ae_params).eval()

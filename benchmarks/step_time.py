@@ -9,8 +9,8 @@ Per model (random weights, 1024x1024: 128x128 latents = 4096 image tokens; 512 t
 333 for SD3), ours is built straight on the device in the benchmark dtype (bf16 on a GPU: the 12B
 model is never allocated in fp32). Diffusers' `FluxTransformer2DModel` / `SD3Transformer2DModel` is
 built on the meta device and gets the same tensors with `load_state_dict(assign=True)` after the
-key conversion (FLUX: the test-side rules of tests/builders.py; SD3: Diffusers' own single-file
-converter), so both models are resident with one copy of the weights (Diffusers' own copies: the swapped
+key conversion (FLUX: benchmarks/diffusers_flux.py, Diffusers' rules for any size; SD3: Diffusers' own
+single-file converter), so both models are resident with one copy of the weights (Diffusers' own copies: the swapped
 adaLNs, and for SD3 the q, k, v projections, which its converter copies). Before timing, each variant's
 output is compared with Diffusers' eager output on the same input (the `rel err` column: ~1e-7 in fp32;
 in bf16 FLUX differs more, as Diffusers (like BFL) rounds 1000 t and 1000 guidance to bf16 where we keep fp32).
@@ -69,17 +69,21 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import mmdit
+from mmdit.autoencoder import AutoEncoder, AutoEncoderParams
+from mmdit.autoencoder import preset as ae_preset
+from mmdit.clip import CLIP_PRESETS, CLIPConfig, CLIPTextEncoder
 from mmdit.flux import PRESETS as FLUX_PRESETS
-from mmdit.flux import FluxParams, image_ids
+from mmdit.flux import image_ids
 from mmdit.sd3 import PRESETS as SD3_PRESETS
+from mmdit.t5 import T5_PRESETS, T5Config, T5Encoder
 from sampling.offload import EVERY_PART, blocks_of
+from sampling.pipeline import FluxPipeline
 
+from .diffusers_flux import diffusers_flux, flux_bfl_to_diffusers
 from .load_sd3 import diffusers_config, machine
 from .step_cost import StepCost, step_cost
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the test-side FLUX conversion rules and the tolerance measure
-from builders import diffusers_flux, flux_bfl_to_diffusers, rel_err
 
 SECTION = "## Step time (GPU)"
 PIPELINE = "FLUX.1-dev pipeline"
@@ -97,17 +101,16 @@ GOALS = ("eager step <= 0.95x Diffusers'; compiled FLUX-dev step <= 0.13 s (H100
 
 
 def model_params(name: str, tiny: bool):
-    """The full-size preset, or (tiny) the same layout and input widths at two blocks of two heads."""
-    if name in FLUX_PRESETS:
-        p = FLUX_PRESETS[name]
-        return replace(p, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2) if tiny else p
-    if name in SD3_PRESETS:
-        return SD3_PRESETS[name].tiny() if tiny else SD3_PRESETS[name]
-    raise ValueError(f"unknown model {name!r}; known: {', '.join([*FLUX_PRESETS, *SD3_PRESETS])}")
+    """The full-size preset, or (tiny) its `tiny()` layout: the same input widths at two blocks of each kind."""
+    presets = {**FLUX_PRESETS, **SD3_PRESETS}
+    if name not in presets:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(presets)}")
+    return presets[name].tiny() if tiny else presets[name]
 
 
-def family(params) -> str:
-    return "flux" if isinstance(params, FluxParams) else "sd3"
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """max |a - b| / max |b|, the tests' measure (their float32 tolerance: 1e-4)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
 @contextmanager
@@ -125,7 +128,7 @@ def build_ours(params, device: torch.device, dtype: torch.dtype, seed: int = 0) 
     torch.manual_seed(seed)
     with torch.device(device), default_dtype(dtype):
         model = mmdit.build_model(params).eval()
-        if family(params) == "sd3":
+        if params.family == "sd3":
             model.pos_embed.normal_()  # the table is a buffer (zeros at init): make positions matter
     return model
 
@@ -134,7 +137,7 @@ def diffusers_twin(ours: nn.Module) -> nn.Module:
     """Diffusers' model of the same config, holding the very tensors of `ours` where its conversion does not copy."""
     p, sd = ours.params, ours.state_dict()
     with torch.device("meta"):
-        if family(p) == "flux":
+        if p.family == "flux":
             ref, sd = diffusers_flux(p), flux_bfl_to_diffusers(sd, p)
         else:
             from diffusers import SD3Transformer2DModel
@@ -154,7 +157,7 @@ def diffusers_twin(ours: nn.Module) -> nn.Module:
 def input_sizes(params, args: argparse.Namespace) -> tuple[int, int, str]:
     """(latent side, text tokens, a description) of the benchmark inputs: full size, or `--tiny`."""
     latent = TINY_LATENT if args.tiny else LATENT
-    n_txt = (TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS)[family(params)]
+    n_txt = (TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS)[params.family]
     shape = f"batch {args.batch}, {latent}x{latent} latents ({(latent // 2) ** 2} image tokens), {n_txt} text tokens"
     return latent, n_txt, shape
 
@@ -172,7 +175,7 @@ def make_inputs(
     params, latent: int, n_txt: int, device: torch.device, dtype: torch.dtype, batch: int = 1, seed: int = 1
 ) -> Inputs:
     g = torch.Generator(device).manual_seed(seed)
-    flux = family(params) == "flux"
+    flux = params.family == "flux"
     c = 16  # latent channels of both families (FLUX packs 2x2 of them into in_channels = 64)
 
     def randn(*shape):
@@ -196,7 +199,7 @@ def ours_step(model: nn.Module, inp: Inputs, temperature=None) -> Step:
 
 def diffusers_step(ref: nn.Module, params, inp: Inputs) -> Step:
     """One call of Diffusers' transformer on the same inputs; returns the velocity in our layout (B, 16, h, w)."""
-    if family(params) == "sd3":
+    if params.family == "sd3":
         return lambda: ref(
             hidden_states=inp.x, encoder_hidden_states=inp.context, pooled_projections=inp.pooled,
             timestep=inp.t * 1000, return_dict=False,
@@ -304,7 +307,7 @@ def graph_breaks(
     """Graph breaks of `torch._dynamo.explain` on a tiny model of the layout of `name`, per temperature kind."""
     params = model_params(name, tiny=True)
     model = build_ours(params, device, dtype)
-    inp = make_inputs(params, TINY_LATENT, TINY_TEXT_TOKENS[family(params)], device, dtype)
+    inp = make_inputs(params, TINY_LATENT, TINY_TEXT_TOKENS[params.family], device, dtype)
     matrix = torch.tensor([[1.0, 1.0], [GAMMA, 1.0]], device=device)
     temperatures = {"plain": None, "TACA float": GAMMA, "TACA tensor": matrix}
     found = {}
@@ -355,7 +358,7 @@ def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 @torch.no_grad()
 def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> ModelResult:
     params = model_params(name, args.tiny)
-    fam = family(params)
+    fam = params.family
     latent, n_txt, shape = input_sizes(params, args)
     n_img = (latent // 2) ** 2
     ours = build_ours(params, device, dtype, args.seed)
@@ -446,25 +449,26 @@ class PipelineResult:
     note: str = ""
 
 
+def pipeline_configs(params, tiny: bool) -> tuple[T5Config, CLIPConfig, AutoEncoderParams]:
+    """The FLUX.1-dev pipeline's T5-XXL, CLIP-L and autoencoder, or (tiny) one-layer encoders as wide as
+    `params`' text inputs and a narrow autoencoder."""
+    t5_cfg, clip_cfg, ae_params = T5_PRESETS["t5-v1.1-xxl"], CLIP_PRESETS["clip-l"], ae_preset("flux")
+    if not tiny:
+        return t5_cfg, clip_cfg, ae_params
+    return (
+        replace(t5_cfg, vocab_size=128, d_model=params.context_in_dim, num_heads=2, d_kv=32, d_ff=256, num_layers=1),
+        replace(clip_cfg, vocab_size=128, width=params.vec_in_dim, layers=1, heads=2, mlp_dim=256),
+        replace(ae_params, ch=32, num_res_blocks=1),
+    )
+
+
 @torch.no_grad()
 def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[PipelineResult]:
     """FLUX-dev text to image with random weights, for each `--offload` mode: one warm-up image, then the
     median of `--pipeline-images`; peak: everything the pipeline holds on the device, weights included."""
-    from mmdit.autoencoder import AutoEncoder
-    from mmdit.autoencoder import preset as ae_preset
-    from mmdit.clip import CLIP_PRESETS, CLIPTextEncoder
-    from mmdit.t5 import T5_PRESETS, T5Encoder
-    from sampling.pipeline import FluxPipeline
-
     params = model_params("flux-dev", args.tiny)
-    t5_cfg, clip_cfg, ae_params = T5_PRESETS["t5-v1.1-xxl"], CLIP_PRESETS["clip-l"], ae_preset("flux")
-    size = 1024
-    if args.tiny:
-        t5_cfg = replace(
-            t5_cfg, vocab_size=128, d_model=params.context_in_dim, num_heads=2, d_kv=32, d_ff=256, num_layers=1
-        )
-        clip_cfg = replace(clip_cfg, vocab_size=128, width=params.vec_in_dim, layers=1, heads=2, mlp_dim=256)
-        ae_params, size = replace(ae_params, ch=32, num_res_blocks=1), 8 * TINY_LATENT
+    t5_cfg, clip_cfg, ae_params = pipeline_configs(params, args.tiny)
+    size = 8 * (TINY_LATENT if args.tiny else LATENT)
     transformer = build_ours(params, device, dtype, args.seed)
     with torch.device(device), default_dtype(dtype):  # created on the device (fast init), then parked on the CPU
         encoders = {"clip_l": CLIPTextEncoder(clip_cfg).eval().to("cpu"), "t5": T5Encoder(t5_cfg).eval().to("cpu")}

@@ -1,13 +1,14 @@
 """Models only: the one attention (with TACA), FLUX.1, SD3 / SD3.5, text encoders, autoencoder, LoRA."""
 
+from .flux import Flux, FluxParams
+from .sd3 import SD3, SD3Params
 
-def build_model(params):
-    """An uninitialized transformer for a params dataclass (build it under `torch.device("meta")` to skip init)."""
-    from .flux import Flux, FluxParams
-    from .sd3 import SD3, SD3Params
+MODELS = {cls.family: cls for cls in (Flux, SD3)}  # "flux", "sd3": the model class of each params family
 
-    if isinstance(params, FluxParams):
-        return Flux(params)
-    if isinstance(params, SD3Params):
-        return SD3(params)
-    raise TypeError(f"no model for params of type {type(params).__name__}")
+
+def build_model(params: FluxParams | SD3Params) -> Flux | SD3:
+    """An uninitialized transformer for `params`, chosen by `params.family` (build it under
+    `torch.device("meta")` to skip init); a family without a model is a ValueError."""
+    if params.family not in MODELS:
+        raise ValueError(f"no model for the family {params.family!r}; known: {', '.join(MODELS)}")
+    return MODELS[params.family](params)

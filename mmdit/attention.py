@@ -12,55 +12,54 @@ Scaling key j by c scales its logit by c for every query, so for the queries of 
 temperature is a rescaling of the keys. Two fused SDPA calls, one per query modality, each with its
 keys rescaled by its row of T, compute the exact result; no `[L, L]` tensor is ever built.
 
-Observers (the attention probe, mmdit/probe.py) can watch every call: each function in `OBSERVERS`
-is called as `f(q, k, n_txt, temperature)` before the attention is computed. The list is empty
-unless a probe runs, and then the cost is one check of an empty list (no graph break under
-`torch.compile`).
-
 `temperature` may be:
 - `None`: plain SDPA (one call);
-- a float gamma: the paper's TACA, `T = [[1, 1], [gamma, 1]]` (text queries take the plain call);
+- a float gamma: the paper's TACA, the matrix `T = [[1, 1], [gamma, 1]]`;
 - a tensor `[2, 2]`, `[H, 2, 2]` (per head) or `[B, H, 2, 2]` (per sample and head; H may be 1).
+Deviation: T is applied to the keys in their dtype (in bf16, gamma = 1.2 acts as 1.203).
+
+`JointAttention` is the same function as a module without weights, one per block: the place where
+the attention probe (mmdit/probe.py) hooks in from outside.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from einops import rearrange
+from torch import Tensor, nn
 
 Temperature = float | Tensor | None
-Observer = Callable[[Tensor, Tensor, int, Temperature], None]  # f(q, k, n_txt, temperature)
-OBSERVERS: list[Observer] = []
 
 
-def taca_matrix(gamma: float) -> Tensor:
-    """The paper's temperature as a 2x2 matrix: image queries x text keys scaled by gamma."""
-    return torch.tensor([[1.0, 1.0], [gamma, 1.0]])
+def as_temperature_matrix(temperature: Temperature, device: torch.device | None = None) -> Tensor | None:
+    """A temperature as a `[B|1, H|1, 2, 2]` tensor indexed [query modality][key modality] (or None).
 
-
-def as_temperature_matrix(temperature: Temperature) -> Tensor | None:
-    """Normalize a temperature to a `[B|1, H|1, 2, 2]` tensor (or None)."""
+    A float gamma becomes `[[1, 1], [gamma, 1]]`, filled on `device` (no host-to-device copy); a
+    tensor of another shape is a ValueError.
+    """
     if temperature is None:
         return None
     if not isinstance(temperature, Tensor):
-        return taca_matrix(float(temperature))[None, None]
+        T = torch.ones(1, 1, 2, 2, device=device)
+        T[..., 1, 0] = float(temperature)  # image queries x text keys
+        return T
     if temperature.shape[-2:] != (2, 2) or temperature.dim() not in (2, 3, 4):
         raise ValueError(
             "temperature tensor must have shape [2, 2], [H, 2, 2] or [B, H, 2, 2] "
             f"(indexed [query modality][key modality], 0 = text, 1 = image), got {list(temperature.shape)}"
         )
-    while temperature.dim() < 4:
-        temperature = temperature[None]
-    return temperature
+    T = temperature[(None,) * (4 - temperature.dim())]
+    return T if device is None else T.to(device)
 
 
-def temperature_on(temperature: Temperature, device) -> Temperature:
-    """A tensor temperature moved to the device, once per model forward rather than once per attention."""
-    return as_temperature_matrix(temperature).to(device) if isinstance(temperature, Tensor) else temperature
+def key_scales(T: Tensor, n_txt: int, L: int) -> Tensor:
+    """T (B|1, H|1, 2, 2) spread over the keys: (B|1, H|1, 2, L), for each query modality (row of T) the
+    factor of each key, T[m, 0] on the n_txt text keys and T[m, 1] on the image keys."""
+    rows = T.shape[:-1]
+    return torch.cat((T[..., :1].expand(*rows, n_txt), T[..., 1:].expand(*rows, L - n_txt)), dim=-1)
 
 
 def _check(q: Tensor, n_txt: int) -> None:
@@ -70,50 +69,20 @@ def _check(q: Tensor, n_txt: int) -> None:
         raise ValueError(f"n_txt={n_txt} is outside the sequence length {q.shape[2]}")
 
 
-def scaled_keys(k: Tensor, n_txt: int, row: Tensor) -> Tensor:
-    """Keys of one query modality's call: text keys times row[..., 0], image keys times row[..., 1]."""
-    row = row.to(k.dtype)[..., None, None]  # (B|1, H|1, 2, 1, 1)
-    return torch.cat((k[:, :, :n_txt] * row[:, :, 0], k[:, :, n_txt:] * row[:, :, 1]), dim=2)
-
-
-def _joined(out_txt: Tensor, out_img: Tensor) -> Tensor:
-    """(B, H, L_txt, D) and (B, H, L_img, D) -> (B, L, H*D) in one copy (SDPA returns (B, L, H, D) memory)."""
-    return torch.cat((out_txt.transpose(1, 2), out_img.transpose(1, 2)), dim=1).flatten(2)
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, n_txt: int, temperature: Temperature = None) -> Tensor:
-    """Joint attention. q, k, v: (B, H, L, D), text first; returns (B, L, H*D)."""
+    """Joint attention softmax(T * q k^T / sqrt(d)) v. q, k, v: (B, H, L, D), text first; returns (B, L, H*D)."""
     _check(q, n_txt)
-    for observe in OBSERVERS:
-        observe(q, k, n_txt, temperature)
-    if temperature is None or n_txt in (0, q.shape[2]):
-        # One modality only: T[m][m] applies (the paper's gamma leaves it at 1).
-        if isinstance(temperature, Tensor):
-            m = int(n_txt == 0)
-            k = k * as_temperature_matrix(temperature)[:, :, m, m].to(k)[..., None, None]
-        out = F.scaled_dot_product_attention(q, k, v)
-    elif not isinstance(temperature, Tensor):
-        # The paper's TACA: text queries see plain keys; image queries see text keys times gamma.
-        out_txt = F.scaled_dot_product_attention(q[:, :, :n_txt], k, v)
-        k_img = torch.cat((k[:, :, :n_txt] * float(temperature), k[:, :, n_txt:]), dim=2)
-        out_img = F.scaled_dot_product_attention(q[:, :, n_txt:], k_img, v)
-        return _joined(out_txt, out_img)
-    else:
-        T = as_temperature_matrix(temperature).to(q.device)
-        out_txt = F.scaled_dot_product_attention(q[:, :, :n_txt], scaled_keys(k, n_txt, T[:, :, 0]), v)
-        out_img = F.scaled_dot_product_attention(q[:, :, n_txt:], scaled_keys(k, n_txt, T[:, :, 1]), v)
-        return _joined(out_txt, out_img)
-    B, H, L, D = out.shape
-    return out.transpose(1, 2).reshape(B, L, H * D)
-
-
-def temperature_logit_scale(temperature: Temperature, n_txt: int, L: int, device=None) -> Tensor:
-    """The full `[B|1, H|1, L, L]` factor that multiplies the logits (for the reference only)."""
-    m = (torch.arange(L, device=device) >= n_txt).long()  # modality of each token
-    if temperature is None:
-        return torch.ones(1, 1, L, L, device=device)
-    T = as_temperature_matrix(temperature).to(device)
-    return T[:, :, m[:, None], m[None, :]]
+    T = as_temperature_matrix(temperature, q.device)
+    if T is None:
+        return rearrange(F.scaled_dot_product_attention(q, k, v), "B H L D -> B L (H D)")
+    L = q.shape[2]
+    scales = key_scales(T.to(k.dtype), n_txt, L)[..., None]  # (B|1, H|1, 2, L, 1)
+    out = []
+    for m, queries in enumerate((slice(0, n_txt), slice(n_txt, L))):  # m: the query modality
+        if queries.start < queries.stop:
+            o = F.scaled_dot_product_attention(q[:, :, queries], k * scales[:, :, m], v)  # (B, H, L_m, D)
+            out.append(rearrange(o, "B H L D -> B L H D"))  # a view: SDPA returns (B, L, H, D) memory
+    return torch.cat(out, dim=1).flatten(2)  # (B, L, H*D), one copy
 
 
 def attention_reference(
@@ -121,8 +90,17 @@ def attention_reference(
 ) -> Tensor:
     """Explicit logits, for teaching and tests: softmax(T * q k^T / sqrt(d)) v. Same contract as `attention`."""
     _check(q, n_txt)
-    B, H, L, D = q.shape
+    L, D = q.shape[2], q.shape[3]
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(D)  # (B, H, L, L)
-    logits = logits * temperature_logit_scale(temperature, n_txt, L, q.device).to(logits.dtype)
-    out = logits.softmax(dim=-1) @ v  # (B, H, L, D)
-    return out.transpose(1, 2).reshape(B, L, H * D)
+    T = as_temperature_matrix(temperature, q.device)
+    if T is not None:
+        m = (torch.arange(L, device=q.device) >= n_txt).long()  # modality of each token
+        logits = logits * T[:, :, m[:, None], m[None, :]].to(logits.dtype)  # (B|1, H|1, L, L)
+    return rearrange(logits.softmax(dim=-1) @ v, "B H L D -> B L (H D)")
+
+
+class JointAttention(nn.Module):
+    """`attention` as a module without weights (no state-dict keys): one per block, for hooks from outside."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, n_txt: int, temperature: Temperature = None) -> Tensor:
+        return attention(q, k, v, n_txt, temperature)

@@ -4,7 +4,8 @@ Encoder: conv_in, then per level `num_res_blocks` ResnetBlocks and a stride-2 do
 the last level), a mid block (ResnetBlock, single-head self-attention over the spatial positions,
 ResnetBlock), GroupNorm + swish + conv_out to `2 * z_channels` (mean and log-variance). The decoder
 mirrors it with `num_res_blocks + 1` blocks per level and nearest x2 upsampling + conv. GroupNorm has
-32 groups and eps 1e-6. There is no `quant_conv` / `post_quant_conv` (FORMATS.md section 4).
+32 groups and eps 1e-6. There is no `quant_conv` / `post_quant_conv` (BFL flux `src/flux/modules/autoencoder.py`;
+docs/formats.md, autoencoder).
 
 `encode` returns the scaled posterior mean `scale * (mean - shift)` (BFL's default; SAI samples instead),
 `decode` inverts the scaling. Both families use the same weights layout; only the factors differ.
@@ -73,13 +74,13 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        # a 1x1 conv where the channel count changes (LDM's key); no weights otherwise
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
         h = self.conv2(F.silu(self.norm2(h)))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -88,7 +89,9 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.norm = group_norm(channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -120,24 +123,23 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: `block.{i}` ResnetBlocks, then `downsample` (encoder) or `upsample` (decoder)."""
+    """One resolution level: `block.{i}` ResnetBlocks, then `downsample` (encoder) or `upsample` (decoder), if any."""
 
-    def __init__(self, in_channels: int, out_channels: int, n_blocks: int, resample: type[nn.Module] | None = None):
+    def __init__(self, in_channels: int, out_channels: int, n_blocks: int, down: bool = False, up: bool = False):
         super().__init__()
         self.block = nn.ModuleList(
             ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(n_blocks)
         )
-        if resample is Downsample:
-            self.downsample = Downsample(out_channels)
-        elif resample is Upsample:
-            self.upsample = Upsample(out_channels)
+        self.downsample = Downsample(out_channels) if down else None
+        self.upsample = Upsample(out_channels) if up else None
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.block:
             x = block(x)
-        for name in ("downsample", "upsample"):
-            if hasattr(self, name):
-                x = getattr(self, name)(x)
+        if self.downsample is not None:
+            x = self.downsample(x)  # (B, C, H/2, W/2)
+        if self.upsample is not None:
+            x = self.upsample(x)  # (B, C, 2H, 2W)
         return x
 
 
@@ -159,7 +161,7 @@ class Encoder(nn.Module):
         n = len(chans)
         self.conv_in = nn.Conv2d(p.in_channels, p.ch, 3, padding=1)
         self.down = nn.ModuleList(
-            Level(([p.ch] + chans)[i], chans[i], p.num_res_blocks, Downsample if i < n - 1 else None) for i in range(n)
+            Level(([p.ch] + chans)[i], chans[i], p.num_res_blocks, down=i < n - 1) for i in range(n)
         )
         self.mid = MidBlock(chans[-1])
         self.norm_out = group_norm(chans[-1])
@@ -181,7 +183,7 @@ class Decoder(nn.Module):
         self.mid = MidBlock(chans[-1])
         # up.{i} works at the resolution of down.{i}; it runs from the last level back to up.0
         self.up = nn.ModuleList(
-            Level((chans + [chans[-1]])[i + 1], chans[i], p.num_res_blocks + 1, Upsample if i > 0 else None)
+            Level((chans + [chans[-1]])[i + 1], chans[i], p.num_res_blocks + 1, up=i > 0)
             for i in range(len(chans))
         )
         self.norm_out = group_norm(chans[0])
@@ -249,7 +251,6 @@ class AutoEncoder(WeightsModule):
         self.params = params
         self.encoder = Encoder(params)
         self.decoder = Decoder(params)
-
 
     def encode(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, z, H/f, W/f) = scale * (posterior mean - shift); f = 8 for the real model."""

@@ -133,7 +133,6 @@ class CLIPTextEncoder(WeightsModule):
         self.text_model = TextTransformer(cfg)
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
 
-
     def forward(self, input_ids: Tensor, skip: int = 0) -> tuple[Tensor, Tensor]:
         tm, n = self.text_model, self.cfg.layers
         if not 0 <= skip < n:

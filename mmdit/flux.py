@@ -3,21 +3,23 @@
 Double-stream blocks keep separate weights for text and image tokens and meet in one joint
 attention; single-stream blocks run on the concatenated sequence `[txt | img]` with a parallel
 attention + MLP layer. Conditioning (timestep, guidance, pooled CLIP vector) enters through adaLN.
-Attribute names are BFL's checkpoint keys, so `flux1-dev.safetensors` loads with a strict
-`load_state_dict`. TACA's temperature is passed to every joint attention.
+Attribute names are BFL's checkpoint keys (BFL flux `src/flux/model.py`, `src/flux/modules/layers.py`;
+docs/formats.md, FLUX BFL layout), so `flux1-dev.safetensors` loads with a strict `load_state_dict`.
+TACA's temperature is passed to every joint attention.
 
 Interface (shared by every family): `model(x, t, context, pooled, guidance=None, temperature=None) -> v`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import Temperature, attention, temperature_on
+from .attention import JointAttention, Temperature, as_temperature_matrix
 from .layers import (
     LastLayer,
     MLPEmbedder,
@@ -36,6 +38,7 @@ from .layers import (
 
 @dataclass(frozen=True)
 class FluxParams:
+    family: ClassVar[str] = "flux"
     in_channels: int = 64  # packed 2x2 patches of 16 latent channels (Fill: 384, Depth/Canny: 128)
     out_channels: int = 64
     vec_in_dim: int = 768  # CLIP-L pooled
@@ -66,6 +69,10 @@ class FluxParams:
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
+    def tiny(self) -> FluxParams:
+        """Same layout and input widths, two blocks of each kind, two heads of the real head dim (RoPE stays valid)."""
+        return replace(self, hidden_size=2 * self.head_dim, num_heads=2, depth=2, depth_single_blocks=2)
+
 
 PRESETS = {
     "flux-dev": FluxParams(),
@@ -74,7 +81,7 @@ PRESETS = {
 
 
 class AdaLN(nn.Module):
-    """`lin(silu(vec))`, split into `n` chunks (B, 1, D). BFL's `Modulation` (key: `.lin`)."""
+    """`lin(silu(vec))` as `n / 3` (shift, scale, gate) modulations. BFL's `Modulation` (key: `.lin`)."""
 
     def __init__(self, dim: int, n: int):
         super().__init__()
@@ -82,8 +89,7 @@ class AdaLN(nn.Module):
         self.lin = nn.Linear(dim, n * dim)
 
     def forward(self, vec_silu: Tensor) -> list[Modulation]:
-        c = modulations(self.lin(vec_silu), self.n)
-        return [Modulation(*c[i : i + 3]) for i in range(0, self.n, 3)]
+        return modulations(self.lin(vec_silu), self.n)
 
 
 class QKNorm(nn.Module):
@@ -116,31 +122,43 @@ class SelfAttention(nn.Module):
 
 
 def mlp(dim: int, hidden: int) -> nn.Sequential:
+    """Linear -> GELU (tanh) -> Linear, keys `.0` and `.2` (BFL's `img_mlp`, `txt_mlp`)."""
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
 def rope_qk(q: Tensor, k: Tensor, pe: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """RoPE on queries and keys (B, H, L, D); pe: the (cos, sin) tables of `rope_cos_sin`."""
     return apply_rope(q, *pe), apply_rope(k, *pe)
 
 
 class DoubleStreamBlock(nn.Module):
+    """Separate weights for the image and the text stream (adaLN, qkv, MLP), one joint attention over `[txt | img]`."""
+
     def __init__(self, p: FluxParams):
         super().__init__()
         h = p.hidden_size
-        for s in ("img", "txt"):
-            setattr(self, f"{s}_mod", AdaLN(h, 6))
-            setattr(self, f"{s}_norm1", layer_norm(h))
-            setattr(self, f"{s}_attn", SelfAttention(h, p.num_heads, p.qkv_bias))
-            setattr(self, f"{s}_norm2", layer_norm(h))
-            setattr(self, f"{s}_mlp", mlp(h, p.mlp_hidden))
+        self.img_mod = AdaLN(h, 6)
+        self.img_norm1 = layer_norm(h)
+        self.img_attn = SelfAttention(h, p.num_heads, p.qkv_bias)
+        self.img_norm2 = layer_norm(h)
+        self.img_mlp = mlp(h, p.mlp_hidden)
+        self.txt_mod = AdaLN(h, 6)
+        self.txt_norm1 = layer_norm(h)
+        self.txt_attn = SelfAttention(h, p.num_heads, p.qkv_bias)
+        self.txt_norm2 = layer_norm(h)
+        self.txt_mlp = mlp(h, p.mlp_hidden)
+        self.attention = JointAttention()  # no weights: where the probe hooks in
 
-    def forward(self, img: Tensor, txt: Tensor, vec_silu: Tensor, pe, temperature: Temperature = None):
+    def forward(
+        self, img: Tensor, txt: Tensor, vec_silu: Tensor, pe: tuple[Tensor, Tensor], temperature: Temperature = None
+    ) -> tuple[Tensor, Tensor]:
+        """img: (B, L_img, D); txt: (B, L_txt, D); vec_silu: (B, D); pe: RoPE of `[txt | img]`. Returns (img, txt)."""
         img_m1, img_m2 = self.img_mod(vec_silu)
         txt_m1, txt_m2 = self.txt_mod(vec_silu)
         img_q, img_k, img_v = self.img_attn.qk_v(img_m1(self.img_norm1(img)))
         txt_q, txt_k, txt_v = self.txt_attn.qk_v(txt_m1(self.txt_norm1(txt)))
         q, k = rope_qk(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), pe)  # (B, H, L, D)
-        attn = attention(q, k, torch.cat((txt_v, img_v), 2), txt.shape[1], temperature)  # (B, L, H*D)
+        attn = self.attention(q, k, torch.cat((txt_v, img_v), 2), txt.shape[1], temperature)  # (B, L, H*D)
         txt_a, img_a = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = gated(img, img_m1.gate, self.img_attn.proj(img_a))
@@ -163,14 +181,18 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = layer_norm(h)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = AdaLN(h, 3)
+        self.attention = JointAttention()  # no weights: where the probe hooks in
 
-    def forward(self, x: Tensor, vec_silu: Tensor, pe, n_txt: int, temperature: Temperature = None) -> Tensor:
+    def forward(
+        self, x: Tensor, vec_silu: Tensor, pe: tuple[Tensor, Tensor], n_txt: int, temperature: Temperature = None
+    ) -> Tensor:
+        """x: (B, L, D), the sequence `[txt | img]` of which n_txt text tokens; vec_silu: (B, D). Returns (B, L, D)."""
         (mod,) = self.modulation(vec_silu)
         h = self.linear1(mod(self.pre_norm(x)))  # (B, L, 3H + M)
         qkv, mlp_in = h[..., : 3 * self.hidden], h[..., 3 * self.hidden :]
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = rope_qk(*self.norm(q, k), pe)
-        attn = attention(q, k, v, n_txt, temperature)
+        attn = self.attention(q, k, v, n_txt, temperature)  # (B, L, H*D)
         return gated(x, mod.gate, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), -1)))
 
 
@@ -183,7 +205,9 @@ def image_ids(h: int, w: int, device=None) -> Tensor:
 
 
 class Flux(WeightsModule):
-    family = "flux"
+    """The FLUX.1 transformer: `model(x, t, context, pooled, guidance=None, temperature=None) -> v`."""
+
+    family = FluxParams.family
 
     def __init__(self, params: FluxParams = PRESETS["flux-dev"]):
         super().__init__()
@@ -230,7 +254,7 @@ class Flux(WeightsModule):
         vec = vec + self.vector_in(pooled.to(dt))
         vec_silu = nn.functional.silu(vec)  # every adaLN starts with SiLU; compute it once
 
-        temperature = temperature_on(temperature, x.device)
+        temperature = as_temperature_matrix(temperature, x.device)  # once, not in every attention
         img = self.img_in(img)
         txt = self.txt_in(context.to(dt))
         n_txt = txt.shape[1]

@@ -156,9 +156,10 @@ def wrap_linear(model: nn.Module, module_name: str) -> LoRALinear:
 
 
 def resolve_targets(model: nn.Module, targets: str | Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
-    """{module name: (offset, length)} for target group names (`attn`, `mlp`, `mod`) or module regexes."""
+    """{module name: (offset, length)} for target group names of `model.family` (`attn`, `mlp`, `mod`) or
+    module regexes; ValueError for a group of another family or targets that match no Linear."""
     targets = [targets] if isinstance(targets, str) else list(targets or DEFAULT_TARGETS)
-    family = getattr(model, "family", "")
+    family = model.family
     groups = TARGET_GROUPS.get(family, {})
     rules: list[tuple[str, str | None]] = []
     for t in targets:

@@ -10,9 +10,11 @@ exactly `sum_{j text} softmax(logits)[i, j]`. The keys get the same temperature 
 call (mmdit/attention.py), so with TACA the probe measures the attention actually used.
 
 `probe_attention(model)` watches every joint attention of one forward or of a whole sampling run
-through the observer hook of `mmdit.attention` and records, per model call (`step`) and per block
-(`double_blocks.3`, `single_blocks.10`, `joint_blocks.5`), the mean text mass over image queries,
-per sample and head. Calls without text keys (SD3.5 Medium's image-only `attn2`) are skipped.
+from outside: a forward pre-hook on each block's `JointAttention` (a module without weights that
+calls `mmdit.attention.attention`) sees its q, k, n_txt and temperature. It records, per model call
+(`step`) and per block (`double_blocks.3`, `single_blocks.10`, `joint_blocks.5`), the mean text mass
+over image queries, per sample and head. Attention without text keys (SD3.5 Medium's image-only
+`attn2`, which calls the function directly) is not recorded.
 Deviation: the mass is computed in the attention's dtype (bf16 on GPU: about 3 significant digits).
 """
 
@@ -26,16 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attention as attn
-from .attention import Temperature
+from .attention import JointAttention, Temperature, as_temperature_matrix, key_scales
 
 
 @torch.no_grad()
 def text_attention_mass(q: Tensor, k: Tensor, n_txt: int, temperature: Temperature = None) -> Tensor:
     """Per image query, the attention weight summed over the text keys. q, k: (B, H, L, D) -> (B, H, L - n_txt)."""
-    T = attn.as_temperature_matrix(temperature)
+    T = as_temperature_matrix(temperature, k.device)
     if T is not None:  # the keys image queries see in the model's own call (row 1 of T)
-        k = attn.scaled_keys(k, n_txt, T[:, :, 1].to(k.device))
+        k = k * key_scales(T.to(k.dtype), n_txt, k.shape[2])[:, :, 1, :, None]
     indicator = torch.zeros_like(k)  # values as wide as the keys, so every fused kernel applies
     indicator[:, :, :n_txt] = 1
     return F.scaled_dot_product_attention(q[:, :, n_txt:], k, indicator)[..., 0].float()
@@ -55,19 +56,19 @@ class Record:
 
 @dataclass
 class AttentionProbe:
-    """What `probe_attention` collects; its hooks keep `step`, `t` and `layer` current while the model runs."""
+    """What `probe_attention` collects; its hooks keep `step` and `t` current while the model runs."""
 
     records: list[Record] = field(default_factory=list)
     step: int = -1  # the last model call (so step + 1 calls so far)
     t: float = float("nan")
-    layer: str = ""
 
-    def observe(self, q: Tensor, k: Tensor, n_txt: int, temperature: Temperature) -> None:
+    def observe(self, layer: str, q: Tensor, k: Tensor, n_txt: int, temperature: Temperature = None) -> None:
+        """Record one attention call of block `layer`; q, k: (B, H, L, D), text first."""
         n_img = q.shape[2] - n_txt
-        if n_txt == 0 or n_img == 0:  # no cross-modal attention in this call (e.g. MMDiT-X's attn2)
+        if n_txt == 0 or n_img == 0:  # no cross-modal attention in this call
             return
         mass = text_attention_mass(q, k, n_txt, temperature).mean(-1).cpu()  # (B, H)
-        self.records.append(Record(self.step, self.t, self.layer, n_txt, n_img, mass))
+        self.records.append(Record(self.step, self.t, layer, n_txt, n_img, mass))
 
     def layers(self) -> list[str]:
         """Block names in the order the model runs them."""
@@ -85,17 +86,18 @@ class AttentionProbe:
         return out
 
 
-def transformer_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, block) for every block of the model's block lists (`double_blocks`, `single_blocks`, `joint_blocks`)."""
-    for list_name, blocks in model.named_children():
-        if isinstance(blocks, nn.ModuleList):
-            for i, block in enumerate(blocks):
-                yield f"{list_name}.{i}", block
+def joint_attentions(model: nn.Module) -> Iterator[tuple[str, JointAttention]]:
+    """(block name, its JointAttention) for every block: `double_blocks.3`, `single_blocks.10`, `joint_blocks.5`."""
+    for name, module in model.named_modules():
+        if isinstance(module, JointAttention):
+            yield name.rpartition(".")[0], module
 
 
 @contextmanager
 def probe_attention(model: nn.Module) -> Iterator[AttentionProbe]:
-    """`with probe_attention(model) as probe: ...` records every joint attention the model runs inside the block."""
+    """`with probe_attention(model) as probe: ...` records every joint attention the model runs inside the block.
+
+    The hooks (one on the model for `step` and `t`, one per block's `JointAttention`) are removed on exit."""
     probe = AttentionProbe()
 
     def on_call(module, args, kwargs):
@@ -103,18 +105,17 @@ def probe_attention(model: nn.Module) -> Iterator[AttentionProbe]:
         probe.step += 1
         probe.t = float(t.flatten()[0])
 
-    def entering(name: str):
-        def hook(module, args):
-            probe.layer = name
+    def observer(layer: str):
+        def hook(module, args):  # args: (q, k, v, n_txt[, temperature]), as the block passes them
+            q, k, _, *rest = args
+            probe.observe(layer, q, k, *rest)
 
         return hook
 
     handles = [model.register_forward_pre_hook(on_call, with_kwargs=True)]
-    handles += [block.register_forward_pre_hook(entering(name)) for name, block in transformer_blocks(model)]
-    attn.OBSERVERS.append(probe.observe)
+    handles += [module.register_forward_pre_hook(observer(layer)) for layer, module in joint_attentions(model)]
     try:
         yield probe
     finally:
-        attn.OBSERVERS.remove(probe.observe)
         for h in handles:
             h.remove()

@@ -5,11 +5,13 @@ adaLN, projections and MLP; they meet in one joint attention over `[text | image
 is `t_embedder(t) + y_embedder(pooled)`. Positions come from a 2D table `pos_embed` of P x P
 patches (fixed sin-cos values, stored in the file), center-cropped to the latent. SD3.5 adds
 RMSNorm on queries and keys (`ln_q`, `ln_k`); SD3.5 Medium (MMDiT-X) adds, in its first layers,
-a second, image-only self-attention `attn2` with its own modulation. Facts: ../shared/FORMATS.md sections 3 and 6.2.
+a second, image-only self-attention `attn2` with its own modulation. Facts: SAI sd3.5 `mmditx.py`;
+the key layout: docs/formats.md, SD3 SAI layout.
 
 Attribute names are SAI's checkpoint keys, so `sd3.5_large.safetensors` loads with a strict
 `load_state_dict`. TACA's temperature goes to every joint attention, never to `attn2` (it has no
-text tokens). Deviation from SAI: the timestep is `t` in [0, 1] (scaled by 1000 here), as in FLUX.
+text tokens). Deviations from SAI: the timestep is `t` in [0, 1] (scaled by 1000 here), as in FLUX;
+in half precision `ln_q` / `ln_k` (`nn.RMSNorm`) apply their weight before rounding (SAI and Diffusers after).
 
 Interface (shared by every family): `model(x, t, context, pooled, guidance=None, temperature=None) -> v`;
 SD3 also takes `skip_layers`, the joint blocks to skip (skip-layer guidance, sampling/sampler.py).
@@ -20,16 +22,16 @@ from __future__ import annotations
 import operator
 from collections.abc import Collection
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import Temperature, attention, temperature_on
+from .attention import JointAttention, Temperature, as_temperature_matrix, attention
 from .layers import (
     LastLayer,
     Modulation,
-    RMSNorm,
     WeightsModule,
     gated,
     layer_norm,
@@ -41,6 +43,7 @@ from .layers import (
 
 @dataclass(frozen=True)
 class SD3Params:
+    family: ClassVar[str] = "sd3"
     depth: int = 24  # joint blocks
     hidden_size: int | None = None  # default 64 * depth (SAI's rule)
     num_heads: int | None = None  # default depth (head dim 64)
@@ -132,8 +135,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = p.num_heads
         self.qkv = nn.Linear(p.hidden_size, 3 * p.hidden_size)
-        self.ln_q = RMSNorm(p.head_dim, weight_name="weight") if p.qk_norm else nn.Identity()
-        self.ln_k = RMSNorm(p.head_dim, weight_name="weight") if p.qk_norm else nn.Identity()
+        self.ln_q = nn.RMSNorm(p.head_dim, eps=1e-6) if p.qk_norm else nn.Identity()  # SD3.5 (key: `weight`)
+        self.ln_k = nn.RMSNorm(p.head_dim, eps=1e-6) if p.qk_norm else nn.Identity()
         self.proj = None if pre_only else nn.Linear(p.hidden_size, p.hidden_size)
 
     def qk_v(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -174,8 +177,7 @@ class StreamBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, self.n_mod * h))
 
     def modulation(self, c: Tensor) -> list[Modulation]:
-        chunks = modulations(self.adaLN_modulation(c), self.n_mod)
-        return [Modulation(*chunks[i : i + 3]) for i in range(0, self.n_mod, 3)]
+        return modulations(self.adaLN_modulation(c), self.n_mod)
 
     def post_attention(self, x: Tensor, attn: Tensor, mods: list[Modulation], x_norm: Tensor) -> Tensor:
         """x: (B, L, D) the stream's input; attn: (B, L, D) its rows of the joint attention; x_norm = norm1(x)."""
@@ -196,6 +198,7 @@ class JointBlock(nn.Module):
         # SAI keeps just what produces its keys and values: no proj, no MLP, a (shift, scale) adaLN.
         self.context_block = StreamBlock(p, pre_only=index == p.depth - 1)
         self.x_block = StreamBlock(p, self_attn2=index in p.x_block_self_attn_layers)
+        self.attention = JointAttention()  # no weights: where the probe hooks in
 
     def forward(
         self, context: Tensor, x: Tensor, c: Tensor, temperature: Temperature = None
@@ -211,14 +214,16 @@ class JointBlock(nn.Module):
         x_q, x_k, x_v = xb.attn.qk_v(x_mods[0](x_norm))
         n_txt = context.shape[1]
         q, k, v = (torch.cat(pair, dim=2) for pair in ((c_q, x_q), (c_k, x_k), (c_v, x_v)))  # (B, H, L, D)
-        attn = attention(q, k, v, n_txt, temperature)  # (B, L, H*D)
+        attn = self.attention(q, k, v, n_txt, temperature)  # (B, L, H*D)
         x = xb.post_attention(x, attn[:, n_txt:], x_mods, x_norm)
         context = None if cb.pre_only else cb.post_attention(context, attn[:, :n_txt], c_mods, c_norm)
         return context, x
 
 
 class SD3(WeightsModule):
-    family = "sd3"
+    """The SD3 / SD3.5 transformer: `model(x, t, context, pooled, guidance=None, temperature=None) -> v`."""
+
+    family = SD3Params.family
 
     def __init__(self, params: SD3Params = PRESETS["sd3.5-large"]):
         super().__init__()
@@ -278,7 +283,7 @@ class SD3(WeightsModule):
         c = self.t_embedder(timestep_embedding(t * 1000).to(dt)) + self.y_embedder(pooled.to(dt))  # (B, D)
         txt = self.context_embedder(context.to(dt))  # (B, L_txt, D)
 
-        temperature = temperature_on(temperature, x.device)
+        temperature = as_temperature_matrix(temperature, x.device)  # once, not in every attention
         skip = skipped_blocks(skip_layers, p.depth)
         for i, block in enumerate(self.joint_blocks):
             if i not in skip:  # a skipped block is the identity for both streams

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layers import RMSNorm, WeightsModule
+from .layers import WeightsModule
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,18 @@ def relative_position_bucket(offset: Tensor, num_buckets: int, max_distance: int
         torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (n - exact)
     ).long()
     return bucket + torch.where(dist < exact, dist, log_bucket.clamp(max=n - 1))
+
+
+class T5LayerNorm(nn.Module):
+    """T5's "layer norm": RMS normalization (no mean, no bias) computed in fp32, then the weight, in x's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight.to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -110,7 +122,7 @@ class DenseReluDense(nn.Module):
 class AttentionLayer(nn.Module):
     def __init__(self, cfg: T5Config, has_position_bias: bool):
         super().__init__()
-        self.layer_norm = RMSNorm(cfg.d_model, weight_name="weight", eps=cfg.eps)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.eps)
         self.SelfAttention = SelfAttention(cfg, has_position_bias)
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
@@ -120,7 +132,7 @@ class AttentionLayer(nn.Module):
 class FeedForwardLayer(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.layer_norm = RMSNorm(cfg.d_model, weight_name="weight", eps=cfg.eps)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.eps)
         self.DenseReluDense = DenseReluDense(cfg)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -144,7 +156,7 @@ class Stack(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.block = nn.ModuleList([Block(cfg, has_position_bias=i == 0) for i in range(cfg.num_layers)])
-        self.final_layer_norm = RMSNorm(cfg.d_model, weight_name="weight", eps=cfg.eps)
+        self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.eps)
 
 
 class T5Encoder(WeightsModule):
@@ -155,7 +167,6 @@ class T5Encoder(WeightsModule):
         self.cfg = cfg
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)  # the file may call it encoder.embed_tokens
         self.encoder = Stack(cfg)
-
 
     def forward(self, input_ids: Tensor) -> Tensor:
         x = self.shared(input_ids).float()  # (B, L, D)

@@ -24,7 +24,10 @@ import os
 import warnings
 from pathlib import Path
 
+import sentencepiece
 import torch
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 from torch import Tensor
 
 # CLIP's pre-tokenization regex (OpenAI's `simple_tokenizer.pat`)
@@ -60,9 +63,6 @@ class CLIPTokenizer:
     def __init__(
         self, vocab: dict[str, int], merges: list[tuple[str, str]], pad: str | int = "eos", max_length: int = 77
     ):
-        from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-        from tokenizers.models import BPE
-
         for special in (CLIP_BOS, CLIP_EOS):
             if special not in vocab:
                 raise ValueError(f"CLIP vocabulary lacks the special token {special!r}")
@@ -119,8 +119,6 @@ class T5Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         if path.suffix == ".json":
-            from tokenizers import Tokenizer
-
             tok = Tokenizer.from_file(str(path))
             tok.no_padding()  # a saved tokenizer.json may carry padding / truncation settings: we frame ids ourselves
             tok.no_truncation()
@@ -129,8 +127,6 @@ class T5Tokenizer:
             def encode(prompts):
                 return [e.ids for e in tok.encode_batch(prompts, add_special_tokens=False)]
         else:
-            import sentencepiece
-
             sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
             ids = {t: sp.piece_to_id(t) if sp.id_to_piece(sp.piece_to_id(t)) == t else None for t in (T5_EOS, T5_PAD)}
 

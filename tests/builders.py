@@ -1,20 +1,22 @@
-"""Tiny random checkpoints in the official layouts, and the documented conversions to Diffusers' layout.
+"""Tiny random checkpoints in the official layouts, and the tolerance measure of the tests.
 
-The BFL -> Diffusers rules here follow ../shared/FORMATS.md section 2 (chunk the fused qkv, split
-`linear1` into (H, H, H, M), swap the final adaLN halves); the loaders under test go the other way.
+The BFL -> Diffusers FLUX rules (the reference the loaders under test are compared with) live in
+benchmarks/diffusers_flux.py, shared with the step-time benchmark; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import torch
 
-from mmdit.flux import Flux, FluxParams
+from benchmarks.diffusers_flux import diffusers_flux, flux_bfl_to_diffusers  # noqa: F401 (re-exported)
+from mmdit.flux import PRESETS, Flux, FluxParams
 
-# head_dim 128 as in the real model (RoPE axes 16/56/56), narrow elsewhere
-TINY_FLUX = FluxParams(vec_in_dim=32, context_in_dim=64, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
+# FLUX-dev's tiny layout (head_dim 128, RoPE axes 16/56/56) with narrow text inputs
+TINY_FLUX = replace(PRESETS["flux-dev"].tiny(), vec_in_dim=32, context_in_dim=64)
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -34,72 +36,6 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def flux_state(params: FluxParams = TINY_FLUX, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random FLUX state dict in the BFL layout (float32)."""
     return {k: v.clone() for k, v in randomize_(Flux(params), seed).state_dict().items()}
-
-
-def _swap(t):
-    a, b = t.chunk(2, 0)
-    return torch.cat((b, a), 0)
-
-
-def flux_bfl_to_diffusers(sd: dict[str, torch.Tensor], p: FluxParams) -> dict[str, torch.Tensor]:
-    """FORMATS.md 2.1: BFL keys -> FluxTransformer2DModel keys."""
-    H, M = p.hidden_size, p.mlp_hidden
-    out = {}
-    simple = [
-        (r"img_in\.", "x_embedder."), (r"txt_in\.", "context_embedder."),
-        (r"time_in\.in_layer\.", "time_text_embed.timestep_embedder.linear_1."),
-        (r"time_in\.out_layer\.", "time_text_embed.timestep_embedder.linear_2."),
-        (r"vector_in\.in_layer\.", "time_text_embed.text_embedder.linear_1."),
-        (r"vector_in\.out_layer\.", "time_text_embed.text_embedder.linear_2."),
-        (r"guidance_in\.in_layer\.", "time_text_embed.guidance_embedder.linear_1."),
-        (r"guidance_in\.out_layer\.", "time_text_embed.guidance_embedder.linear_2."),
-        (r"double_blocks\.(\d+)\.img_mod\.lin\.", r"transformer_blocks.\1.norm1.linear."),
-        (r"double_blocks\.(\d+)\.txt_mod\.lin\.", r"transformer_blocks.\1.norm1_context.linear."),
-        (r"double_blocks\.(\d+)\.img_attn\.norm\.query_norm\.scale", r"transformer_blocks.\1.attn.norm_q.weight"),
-        (r"double_blocks\.(\d+)\.img_attn\.norm\.key_norm\.scale", r"transformer_blocks.\1.attn.norm_k.weight"),
-        (r"double_blocks\.(\d+)\.txt_attn\.norm\.query_norm\.scale", r"transformer_blocks.\1.attn.norm_added_q.weight"),
-        (r"double_blocks\.(\d+)\.txt_attn\.norm\.key_norm\.scale", r"transformer_blocks.\1.attn.norm_added_k.weight"),
-        (r"double_blocks\.(\d+)\.img_attn\.proj\.", r"transformer_blocks.\1.attn.to_out.0."),
-        (r"double_blocks\.(\d+)\.txt_attn\.proj\.", r"transformer_blocks.\1.attn.to_add_out."),
-        (r"double_blocks\.(\d+)\.img_mlp\.0\.", r"transformer_blocks.\1.ff.net.0.proj."),
-        (r"double_blocks\.(\d+)\.img_mlp\.2\.", r"transformer_blocks.\1.ff.net.2."),
-        (r"double_blocks\.(\d+)\.txt_mlp\.0\.", r"transformer_blocks.\1.ff_context.net.0.proj."),
-        (r"double_blocks\.(\d+)\.txt_mlp\.2\.", r"transformer_blocks.\1.ff_context.net.2."),
-        (r"single_blocks\.(\d+)\.modulation\.lin\.", r"single_transformer_blocks.\1.norm.linear."),
-        (r"single_blocks\.(\d+)\.norm\.query_norm\.scale", r"single_transformer_blocks.\1.attn.norm_q.weight"),
-        (r"single_blocks\.(\d+)\.norm\.key_norm\.scale", r"single_transformer_blocks.\1.attn.norm_k.weight"),
-        (r"single_blocks\.(\d+)\.linear2\.", r"single_transformer_blocks.\1.proj_out."),
-        (r"final_layer\.linear\.", "proj_out."),
-    ]
-    for k, v in sd.items():
-        if m := re.fullmatch(r"double_blocks\.(\d+)\.(img|txt)_attn\.qkv\.(weight|bias)", k):
-            names = ["to_q", "to_k", "to_v"] if m[2] == "img" else ["add_q_proj", "add_k_proj", "add_v_proj"]
-            for n, t in zip(names, v.chunk(3, 0)):
-                out[f"transformer_blocks.{m[1]}.attn.{n}.{m[3]}"] = t
-        elif m := re.fullmatch(r"single_blocks\.(\d+)\.linear1\.(weight|bias)", k):
-            for n, t in zip(["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], v.split((H, H, H, M), 0)):
-                out[f"single_transformer_blocks.{m[1]}.{n}.{m[2]}"] = t
-        elif m := re.fullmatch(r"final_layer\.adaLN_modulation\.1\.(weight|bias)", k):
-            out[f"norm_out.linear.{m[1]}"] = _swap(v)
-        else:
-            for pat, rep in simple:
-                if re.match(pat, k):
-                    out[re.sub(pat, rep, k, count=1)] = v
-                    break
-            else:
-                raise KeyError(k)
-    return out
-
-
-def diffusers_flux(p: FluxParams):
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.depth,
-        num_single_layers=p.depth_single_blocks, attention_head_dim=p.head_dim, num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed,
-        axes_dims_rope=tuple(p.axes_dim),
-    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

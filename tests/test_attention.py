@@ -6,9 +6,10 @@ import pytest
 import torch
 from builders import rel_err
 
-from mmdit.attention import attention, attention_reference, taca_matrix, temperature_logit_scale
+from mmdit.attention import as_temperature_matrix, attention, attention_reference
 
 B, H, L, D = 2, 3, 11, 16
+TACA_1_3 = torch.tensor([[1.0, 1.0], [1.3, 1.0]])  # the paper's form as a matrix [query][key]
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def explicit(q, k, v, factor):
 @pytest.mark.parametrize("n_txt", [0, 1, 4, L - 1, L])
 @pytest.mark.parametrize(
     "temperature",
-    [None, 1.0, 1.2, 0.7, taca_matrix(1.3), torch.tensor([[0.9, 1.1], [1.25, 0.8]])],
+    [None, 1.0, 1.2, 0.7, TACA_1_3, torch.tensor([[0.9, 1.1], [1.25, 0.8]])],
     ids=["none", "g1", "g1.2", "g0.7", "matrix1.3", "matrix-general"],
 )
 def test_fast_equals_reference(qkv, n_txt, temperature):
@@ -41,7 +42,8 @@ def test_paper_taca_scales_only_image_queries_x_text_keys(qkv):
     factor[n_txt:, :n_txt] = gamma  # rows: queries, columns: keys
     expected = explicit(*qkv, factor)
     assert rel_err(attention(*qkv, n_txt, gamma), expected) <= 1e-5
-    assert torch.equal(temperature_logit_scale(gamma, n_txt, L)[0, 0], factor)
+    assert torch.equal(as_temperature_matrix(gamma), torch.tensor([[[[1.0, 1.0], [gamma, 1.0]]]]))
+    assert rel_err(attention(*qkv, n_txt, torch.tensor([[1.0, 1.0], [gamma, 1.0]])), expected) <= 1e-5
     # and it really changes the result (so the check above can fail)
     assert rel_err(attention(*qkv, n_txt, None), expected) > 1e-3
 

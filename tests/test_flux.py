@@ -5,6 +5,7 @@ import dataclasses
 import math
 import pickle
 from contextlib import contextmanager
+from typing import ClassVar
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from einops import rearrange
 from safetensors.torch import save_file
 
 import convert
-import mmdit.flux
+import mmdit
+import mmdit.attention
 from convert import CheckpointError, load_transformer
 from convert.__main__ import inspect as inspect_checkpoint
 from mmdit.attention import attention_reference
@@ -109,7 +111,7 @@ def test_taca_matrix_equals_gamma_and_general_matrix_matches_reference(monkeypat
         # a general per-head matrix: the fused path equals explicit logits inside our own model
         T = torch.tensor([[[1.1, 0.9], [1.3, 1.0]], [[1.0, 1.2], [0.8, 1.05]]])
         fast = model(**args, temperature=T)
-        monkeypatch.setattr(mmdit.flux, "attention", attention_reference)
+        monkeypatch.setattr(mmdit.attention, "attention", attention_reference)  # what every JointAttention calls
         slow = model(**args, temperature=T)
     assert rel_err(fast, slow) <= 1e-5
 
@@ -181,9 +183,28 @@ def test_presets_are_the_official_configs():
         n_dev = sum(p.numel() for p in Flux(dev).parameters())
         n_schnell = sum(p.numel() for p in Flux(schnell).parameters())
         keys = Flux(dev).state_dict().keys()
-    assert (n_dev, n_schnell) == (11_901_408_320, 11_891_178_560)  # FORMATS.md 1.2
+    # the headers of the official files (black-forest-labs/FLUX.1-dev, -schnell; docs/formats.md, FLUX BFL layout)
+    assert (n_dev, n_schnell) == (11_901_408_320, 11_891_178_560)
     assert len(keys) == 780
     assert dev.head_dim == 128 and schnell.guidance_embed is False
+
+
+def test_tiny_keeps_the_layout_and_build_model_picks_by_family():
+    for p in PRESETS.values():
+        tiny = p.tiny()
+        assert (tiny.depth, tiny.depth_single_blocks, tiny.num_heads) == (2, 2, 2)
+        assert (tiny.head_dim, tiny.axes_dim, tiny.in_channels, tiny.vec_in_dim, tiny.context_in_dim,
+                tiny.guidance_embed) == (p.head_dim, p.axes_dim, p.in_channels, p.vec_in_dim, p.context_in_dim,
+                                         p.guidance_embed)
+        model = mmdit.build_model(tiny)
+        assert type(model) is Flux and model.family == tiny.family == "flux" and model.params == tiny
+
+    @dataclasses.dataclass(frozen=True)
+    class OtherParams:
+        family: ClassVar[str] = "flux3"
+
+    with pytest.raises(ValueError, match="no model for the family 'flux3'; known: flux, sd3"):
+        mmdit.build_model(OtherParams())
 
 
 def test_errors_name_the_problem(tmp_path):

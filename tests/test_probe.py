@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,23 +12,20 @@ from builders import TINY_FLUX, randomize_, rel_err
 from PIL import Image
 from pipeline_builders import built
 
-from mmdit import attention as attn
-from mmdit.attention import attention, taca_matrix, temperature_logit_scale
+from mmdit.attention import JointAttention, as_temperature_matrix, attention
 from mmdit.flux import Flux
-from mmdit.probe import probe_attention, text_attention_mass, transformer_blocks
-from mmdit.sd3 import SD3, SD3Params
+from mmdit.probe import AttentionProbe, probe_attention, text_attention_mass
+from mmdit.sd3 import PRESETS as SD3_PRESETS
+from mmdit.sd3 import SD3
 from sampling import TacaSchedule, load_pipeline
 from sampling.cli import main
 from sampling.probe import CELL, HEAD, LEFT, color
 
-# SD3.5-Medium-like: qk-norm and an image-only attn2 in layer 0 (which the probe must skip)
-TINY_SD3 = SD3Params(depth=2, hidden_size=128, num_heads=2, pos_embed_max_size=16, adm_in_channels=32,
-                     context_in_dim=64, qk_norm=True, x_block_self_attn_layers=(0,))
+# SD3.5-Medium's tiny layout: qk-norm and an image-only attn2 in layer 0 (which the probe must skip)
+TINY_SD3 = replace(SD3_PRESETS["sd3.5-medium"].tiny(), pos_embed_max_size=16, adm_in_channels=32, context_in_dim=64)
 GENERAL = torch.tensor([[0.9, 1.1], [1.3, 0.8]])  # a full temperature matrix [query][key]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 
 def tiny(family: str):
@@ -47,26 +45,29 @@ def tiny(family: str):
 def explicit_text_mass(q, k, n_txt, temperature):
     """softmax(T * q k^T / sqrt(d)) written out, summed over text keys, mean over image queries: (B, H)."""
     L, D = q.shape[2], q.shape[3]
-    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
-    weights = (logits * temperature_logit_scale(temperature, n_txt, L).double()).softmax(-1)  # (B, H, L, L)
-    return weights[:, :, n_txt:, :n_txt].sum(-1).mean(-1)
+    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)  # (B, H, L, L)
+    if temperature is not None:
+        T = as_temperature_matrix(temperature).double()  # (B|1, H|1, 2, 2)
+        logits[:, :, :n_txt, :n_txt] *= T[:, :, 0, 0, None, None]
+        logits[:, :, :n_txt, n_txt:] *= T[:, :, 0, 1, None, None]
+        logits[:, :, n_txt:, :n_txt] *= T[:, :, 1, 0, None, None]
+        logits[:, :, n_txt:, n_txt:] *= T[:, :, 1, 1, None, None]
+    return logits.softmax(-1)[:, :, n_txt:, :n_txt].sum(-1).mean(-1)
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 @pytest.mark.parametrize("temperature", [None, 1.5, GENERAL], ids=["plain", "taca1.5", "matrix"])
 def test_probe_equals_explicit_softmax(family, temperature):
     model, inputs = tiny(family)
-    calls = []
+    joint = []  # (q, k, n_txt, temperature) of every joint attention, captured by the test's own hooks
+    capture = [m.register_forward_pre_hook(lambda _, args: joint.append((args[0].clone(), args[1].clone(), *args[3:])))
+               for m in model.modules() if isinstance(m, JointAttention)]
     with torch.no_grad(), probe_attention(model) as probe:
-        attn.OBSERVERS.append(lambda q, k, n, T: calls.append((q.clone(), k.clone(), n, T)))
-        try:
-            model(**inputs, temperature=temperature)
-            model(**inputs, temperature=temperature)
-        finally:
-            attn.OBSERVERS.pop()
-    joint = [c for c in calls if c[2] > 0]
-    if family == "sd3":
-        assert len(calls) == 2 * 3 and len(joint) == 2 * 2  # attn2 in layer 0 is seen, and skipped
+        model(**inputs, temperature=temperature)
+        model(**inputs, temperature=temperature)
+    for h in capture:
+        h.remove()
+    if family == "sd3":  # attn2 in layer 0 (image-only) is not a joint attention: not recorded
         assert probe.layers() == ["joint_blocks.0", "joint_blocks.1"]
     else:
         assert probe.layers() == ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"]
@@ -96,25 +97,38 @@ def test_mass_is_the_attention_weight_on_text():
     q, k = (torch.randn(1, 2, 9, 8, generator=g) for _ in range(2))
     v = torch.zeros(1, 2, 9, 8)
     v[:, :, :3] = 1  # the same indicator as values: the attention output is the mass
-    for T in (None, 1.3, taca_matrix(0.7)):
+    for T in (None, 1.3, torch.tensor([[1.0, 1.0], [0.7, 1.0]])):
         out = attention(q, k, v, 3, T).unflatten(-1, (2, 8))[:, 3:, :, 0].transpose(1, 2)  # (B, H, L_img)
         assert rel_err(text_attention_mass(q, k, 3, T), out) <= 1e-6
 
 
+def test_calls_without_text_or_image_tokens_are_skipped():
+    probe, g = AttentionProbe(), torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 6, 8, generator=g)
+    probe.observe("joint_blocks.0", q, q, 0)  # image only (MMDiT-X's attn2)
+    probe.observe("joint_blocks.0", q, q, 6, 1.2)  # text only
+    assert probe.records == []
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_without_observers_outputs_are_unchanged(family):
+def test_probe_changes_nothing_and_leaves_no_hooks(family):
     model, inputs = tiny(family)
+    keys = model.state_dict().keys()
+
+    def hooks():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
     with torch.no_grad():
         before = model(**inputs, temperature=1.2)
         with probe_attention(model):
+            assert hooks() == 1 + len([m for m in model.modules() if isinstance(m, JointAttention)])
             during = model(**inputs, temperature=1.2)
         after = model(**inputs, temperature=1.2)
     assert torch.equal(before, during) and torch.equal(before, after)
-    assert attn.OBSERVERS == [] and not model._forward_pre_hooks
-    assert not any(block._forward_pre_hooks for _, block in transformer_blocks(model))
+    assert hooks() == 0 and not any("attention" in k.split(".") for k in keys)  # the hook points hold no weights
     with pytest.raises(RuntimeError), probe_attention(model):
         raise RuntimeError("an error inside the probe")
-    assert attn.OBSERVERS == []  # removed on errors too
+    assert hooks() == 0  # removed on errors too
 
 
 def test_attention_compiles_without_a_graph_break():

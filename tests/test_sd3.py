@@ -20,11 +20,12 @@ from convert import CheckpointError, detect_transformer, load_transformer, save_
 from convert.__main__ import main as convert_cli
 from convert.files import Checkpoint, Entry
 from convert.sd3 import params_from_diffusers_config, params_from_native, variant_name
+from mmdit import build_model
 from mmdit.attention import as_temperature_matrix
 from mmdit.sd3 import PRESETS, SD3, SD3Params
 
-# head_dim 64 as in the real models; a 16 x 16 position table (latents up to 32 x 32)
-_TINY = SD3Params(depth=2, pos_embed_max_size=16, adm_in_channels=32, context_in_dim=48)
+# SD3's tiny layout (head_dim 64 as in the real models), narrow inputs, a 16 x 16 position table (latents up to 32 x 32)
+_TINY = replace(PRESETS["sd3-medium"].tiny(), pos_embed_max_size=16, adm_in_channels=32, context_in_dim=48)
 CASES = {
     "sd3-medium-like": _TINY,
     "sd3.5-large-like": replace(_TINY, depth=3, qk_norm=True),
@@ -203,7 +204,7 @@ def test_inspect(pair, capsys):
     assert f"depth = {p.depth}" in out and f"x_block_self_attn_layers = {list(p.x_block_self_attn_layers)}" in out
 
 
-# Official transformer/config.json values (FORMATS.md 3.2)
+# Official `transformer/config.json` values (stabilityai/stable-diffusion-3-medium-diffusers, -3.5-large, -3.5-medium)
 OFFICIAL_CONFIGS = {
     "sd3-medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192),
     "sd3.5-large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
@@ -222,8 +223,21 @@ def test_presets_from_full_size_shapes(name):
     assert params_from_native(ckpt) == PRESETS[name] and variant_name(PRESETS[name]) == name
     cfg = dict(attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048, **OFFICIAL_CONFIGS[name])
     assert params_from_diffusers_config(cfg) == PRESETS[name]
-    n_keys = {"sd3-medium": 491, "sd3.5-large": 923, "sd3.5-medium": 665}[name]  # FORMATS.md 3.2
+    # the SAI single files (docs/formats.md, SD3 SAI layout)
+    n_keys = {"sd3-medium": 491, "sd3.5-large": 923, "sd3.5-medium": 665}[name]
     assert len(sd) == n_keys
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_tiny_keeps_the_layout(name):
+    p = PRESETS[name]
+    tiny = p.tiny()
+    assert (tiny.depth, tiny.num_heads, tiny.head_dim) == (2, 2, p.head_dim)
+    assert (tiny.qk_norm, tiny.in_channels, tiny.adm_in_channels, tiny.context_in_dim) == (
+        p.qk_norm, p.in_channels, p.adm_in_channels, p.context_in_dim)
+    assert bool(tiny.x_block_self_attn_layers) == bool(p.x_block_self_attn_layers)  # MMDiT-X keeps an attn2
+    model = build_model(tiny)
+    assert type(model) is SD3 and model.family == tiny.family == "sd3" and model.params == tiny
 
 
 def test_bad_checkpoints(tmp_path):
