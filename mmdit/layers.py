@@ -3,11 +3,12 @@
 Attribute names follow the official checkpoints (BFL's `in_layer`/`out_layer`, RMSNorm's `scale`),
 so an official file loads with a strict `load_state_dict`.
 
-Fused: adaLN `(1 + scale) * x + shift`, the gated residual `x + gate * y` and RoPE's rotation run as
-`torch.addcmul` (RoPE with a pre-signed sin table), the plain formula beside each. In eager mode a
-plain form makes more passes over the activations: `python -m benchmarks.step_time --cost` puts FLUX-dev's
-step floor 1.0% higher for plain adaLN, 1.0% for the plain gate, 8.5% for plain RoPE in fp32 (10.5% for
-all three), so they stay fused. `torch.compile` fuses the plain forms alike.
+adaLN is written as the paper writes it, `(1 + scale) * x + shift`. Fused: the gated residual
+`x + gate * y` and RoPE's rotation run as `torch.addcmul` (RoPE with a pre-signed sin table), the plain
+formula beside each. In eager mode a plain form makes more passes over the activations:
+`python -m benchmarks.step_time --cost` puts FLUX-dev's step floor 1.0% higher for the plain gate and
+8.5% higher for plain RoPE in fp32 (plain adaLN: 1.0%, kept), so those two stay fused.
+`torch.compile` fuses the plain forms alike.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class Modulation:
     gate: Tensor | None = None  # None where the output has no residual (a final layer, SD3's pre-only block)
 
     def __call__(self, x_normed: Tensor) -> Tensor:
-        return torch.addcmul(self.shift, 1 + self.scale, x_normed)  # (1 + scale) * x_normed + shift, one pass
+        return (1 + self.scale) * x_normed + self.shift
 
 
 def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
