@@ -31,7 +31,6 @@ from .layers import (
     layer_norm,
     modulations,
     rope_cos_sin,
-    run_block,
     timestep_embedding,
 )
 
@@ -221,7 +220,6 @@ class Flux(WeightsModule):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(p) for _ in range(p.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(p) for _ in range(p.depth_single_blocks))
         self.final_layer = LastLayer(h, p.out_channels)
-        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -262,9 +260,9 @@ class Flux(WeightsModule):
         pe = rope_cos_sin(ids[None], list(self.params.axes_dim), self.params.theta)  # (1, 1, L, D) each
 
         for block in self.double_blocks:
-            img, txt = run_block(self, block, img, txt, vec_silu, pe, temperature)
+            img, txt = block(img, txt, vec_silu, pe, temperature)
         seq = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            seq = run_block(self, block, seq, vec_silu, pe, n_txt, temperature)
+            seq = block(seq, vec_silu, pe, n_txt, temperature)
         out = self.final_layer(seq[:, n_txt:], vec)  # (B, L_img, out_channels)
         return rearrange(out, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=H // 2, ph=2, pw=2).to(x.dtype)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 
 class WeightsModule(nn.Module):
@@ -32,13 +31,6 @@ class WeightsModule(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-
-def run_block(model: nn.Module, block: nn.Module, *args):
-    """`block(*args)`, recomputed in the backward pass when `model.gradient_checkpointing` is set."""
-    if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
 
 
 def layer_norm(dim: int) -> nn.LayerNorm:

@@ -36,7 +36,6 @@ from .layers import (
     gated,
     layer_norm,
     modulations,
-    run_block,
     timestep_embedding,
 )
 
@@ -237,7 +236,6 @@ class SD3(WeightsModule):
         self.context_embedder = nn.Linear(p.context_in_dim, h)
         self.joint_blocks = nn.ModuleList(JointBlock(p, i) for i in range(p.depth))
         self.final_layer = LastLayer(h, p.patch_size**2 * p.out_channels)
-        self.gradient_checkpointing = False
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """The center h x w window of the P x P position table: (1, h*w, D)."""
@@ -287,6 +285,6 @@ class SD3(WeightsModule):
         skip = skipped_blocks(skip_layers, p.depth)
         for i, block in enumerate(self.joint_blocks):
             if i not in skip:  # a skipped block is the identity for both streams
-                txt, img = run_block(self, block, txt, img, c, temperature)
+                txt, img = block(txt, img, c, temperature)
         out = self.final_layer(img, c)  # (B, h*w, p*p*C_out), features ordered (py, px, c)
         return rearrange(out, "B (h w) (ph pw C) -> B C (h ph) (w pw)", h=h, ph=p.patch_size, pw=p.patch_size).to(x.dtype)

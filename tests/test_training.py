@@ -24,13 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from builders import TINY_FLUX, flux_state, rel_err
+from builders import TINY_FLUX, flux_state, randomize_, rel_err
 from PIL import Image
 from pipeline_builders import tiny_flux_pipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_flux import diffusers_explicit_taca, diffusers_forward, reference
 from test_sd3 import CASES, sai_state, write_sai
+from test_sd3 import inputs as sd3_inputs
 from training_builders import (
     CORRUPT,
     config_dict,
@@ -42,12 +43,13 @@ from training_builders import (
 )
 
 import convert
+from mmdit.sd3 import SD3
 from mmdit.lora import lora_parameters
 from training import TrainConfig, TrainingError, make_config, train
 from training.checkpoint import list_checkpoints
 from training.cli import add_arguments, main
 from training.data import BatchSampler, Item, bucket_sizes, load_image, scan, target_size
-from training.loop import ADAPTER
+from training.loop import ADAPTER, checkpoint_blocks
 from training.loss import batch_temperature, flow_matching_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -228,6 +230,27 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, base):
     assert not (tmp_path / "out" / "lora.safetensors").exists()
     assert len(open(tmp_path / "out" / "log.jsonl").readlines()) == 3
     assert all(torch.isfinite(p).all() for p in lora_parameters(model))  # the bad step was not applied
+
+
+def test_checkpoint_blocks_same_gradients():
+    """Activation checkpointing applied from outside recomputes the blocks: the gradients do not change."""
+    p = CASES["sd3.5-medium-like"]
+    model = randomize_(SD3(p)).train()
+    x, t, context, pooled = sd3_inputs(p)
+    attention_calls = []
+    for block in model.joint_blocks:  # counts the block forwards, the recomputation included
+        block.attention.register_forward_pre_hook(lambda *args: attention_calls.append(1))
+    grads, calls = [], []
+    for checkpointed in (False, True):
+        if checkpointed:
+            checkpoint_blocks(model)
+        model.zero_grad()
+        attention_calls.clear()
+        model(x, t, context, pooled, temperature=1.5).square().mean().backward()
+        grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
+        calls.append(len(attention_calls))
+    assert calls == [p.depth, 2 * p.depth]  # each block runs again in the backward pass
+    assert grads[0].abs().max() > 0 and rel_err(grads[1], grads[0]) <= 1e-5
 
 
 def test_gradient_checkpointing_and_bf16_autocast(tmp_path, base):

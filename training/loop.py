@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed._composable import checkpoint
 from tqdm.auto import tqdm
 
 import convert
@@ -39,6 +40,7 @@ from convert.files import save_safetensors_atomic, write_atomic
 from mmdit.lora import inject_lora
 from sampling import TacaSchedule, load_pipeline
 from sampling.hub import resolve
+from sampling.offload import blocks_of
 
 from . import distributed as dist
 from .checkpoint import checkpoint_path, list_checkpoints, prune, resume, save_checkpoint
@@ -143,6 +145,15 @@ def trainable_parameters(cfg: TrainConfig, model: nn.Module) -> dict[str, nn.Par
     return params
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing: each repeated block (FLUX's double and single blocks, SD3's joint blocks)
+    keeps only its inputs and recomputes its activations in the backward pass. Applied from outside by
+    module hooks (`torch.distributed._composable.checkpoint`, as torchtitan applies it), so the model's
+    code and keys do not change."""
+    for block in blocks_of(model):
+        checkpoint(block)
+
+
 def cut_log(path: Path, step: int) -> None:
     """Keep the lines of steps <= `step` (a resumed run's log continues its checkpoint's)."""
     lines = path.read_text().splitlines() if step and path.is_file() else []
@@ -179,7 +190,7 @@ def train(
     params = trainable_parameters(cfg, model)
     model.train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing = True
+        checkpoint_blocks(model)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = resume(cfg, ckpt_dir, params, optimizer)
     if rank == 0:
