@@ -143,7 +143,7 @@ def describe_lora(ckpt: Checkpoint, source: str) -> str:
         fields["text encoders"] = ", ".join(f"{role or 'unknown'}: {n} module(s)" for role, n in listed)
     shown = {k: v for k, v in ckpt.metadata.items() if k != "lora_adapter_metadata"}
     if shown:
-        fields["header"] = ", ".join(f"{k}={v[:40]}" for k, v in sorted(shown.items()))
+        fields["header"] = ", ".join(f"{k}={v if len(v) <= 40 else v[:40] + '...'}" for k, v in sorted(shown.items()))
     return _lines(f"{source}: a LoRA file", fields)
 
 
