@@ -1,38 +1,29 @@
-"""`python -m convert inspect PATH`: what a checkpoint was detected as, without loading its weights."""
+"""`python -m convert inspect PATH`: what a file is, without loading its weights (convert/describe.py);
+`python -m convert random PRESET PATH`: a random-weight checkpoint in a preset's official layout."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 
 import torch
 
+from .describe import describe
 from .families import FAMILIES
 from .files import CheckpointError
-from .load import detect_transformer
 from .synthetic import random_checkpoint
 
 
 def inspect(path: str) -> str:
-    d = detect_transformer(path)
-    lines = [
-        f"source:     {d.source}",
-        f"family:     {d.family}",
-        f"layout:     {d.layout}",
-        f"variant:    {d.variant}",
-        f"dtype:      {str(d.storage_dtype).removeprefix('torch.')}",
-        f"parameters: {d.num_params:,}",
-        f"tensors:    {len(d.ckpt)}",
-    ]
-    lines += [f"  {k} = {list(v) if isinstance(v, tuple) else v}" for k, v in asdict(d.params).items()]
-    return "\n".join(lines)
+    """The description `python -m convert inspect` prints (convert/describe.py)."""
+    return describe(path)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    show = sub.add_parser("inspect", help="print the detected family, variant, dims, dtype, parameter count")
+    show = sub.add_parser("inspect", help="describe a transformer, text encoder, autoencoder, LoRA or quantized file "
+                          "(family, variant, dims, dtype; LoRA format, ranks, alphas, targets)")
     show.add_argument("path")
     rnd = sub.add_parser("random", help="write a random-weight checkpoint in a preset's official layout")
     rnd.add_argument("preset", help=", ".join(name for layout in FAMILIES.values() for name in layout.PRESETS))

@@ -20,7 +20,15 @@ import torch
 
 from mmdit.autoencoder import AutoEncoder, AutoEncoderParams, preset
 
-from .files import AUTOENCODER_PREFIXES, Checkpoint, CheckpointError, Shapes, load_state_dict_strict, read_config
+from .files import (
+    AUTOENCODER_PREFIXES,
+    Checkpoint,
+    CheckpointError,
+    Config,
+    Shapes,
+    load_state_dict_strict,
+    read_config,
+)
 from .mapping import KeyMap
 
 _W = r"(weight|bias)"
@@ -74,9 +82,8 @@ def _open(path: Path) -> tuple[Checkpoint, dict | None]:
     config = read_config(path / "config.json")  # None beside a single file
     if (path / "diffusion_pytorch_model.safetensors").is_file():  # not the .fp16 variant beside it
         path = path / "diffusion_pytorch_model.safetensors"
-    ckpt = Checkpoint.open(path)
-    ckpt = ckpt.part(AUTOENCODER_PREFIXES) or ckpt
-    if not any(k.startswith(("encoder.", "decoder.")) for k in ckpt):
+    ckpt = autoencoder_part(Checkpoint.open(path))
+    if ckpt is None:
         raise CheckpointError(
             f"{path}: holds no autoencoder weights (no encoder.*/decoder.* keys, bare or under "
             f"{', '.join(AUTOENCODER_PREFIXES)})"
@@ -90,12 +97,28 @@ def _open(path: Path) -> tuple[Checkpoint, dict | None]:
     return ckpt, config
 
 
+def autoencoder_part(ckpt: Checkpoint) -> Checkpoint | None:
+    """The autoencoder's keys (prefix removed) of an open file, or None if it holds no `encoder.*`/`decoder.*` keys."""
+    ckpt = ckpt.part(AUTOENCODER_PREFIXES) or ckpt
+    return ckpt if any(k.startswith(("encoder.", "decoder.")) for k in ckpt) else None
+
+
+def autoencoder_shapes(ckpt: Checkpoint, what: str) -> tuple[Shapes, KeyMap | None]:
+    """{LDM key: shape} of an autoencoder's keys (Diffusers names mapped), and the key map (None: LDM keys)."""
+    if any(k.startswith("encoder.down_blocks.") for k in ckpt):  # Diffusers names
+        keymap = diffusers_to_ldm(ckpt.shapes(what).count_blocks(r"encoder\.down_blocks\.(\d+)\."))
+        return Shapes({ours: ckpt.shape(srcs[0]) for ours, srcs in keymap.plan(ckpt).items()}, what), keymap
+    return ckpt.shapes(what), None
+
+
 def _check_config(config: dict, params: AutoEncoderParams, family: str, source: str) -> None:
     """A Diffusers config.json's latent factors must be the family's (the weights cannot tell FLUX from SD3)."""
+    config = Config.of(config, f"{source}/config.json")
     for theirs, ours in (("scaling_factor", params.scale_factor), ("shift_factor", params.shift_factor)):
-        if config.get(theirs) is not None and not math.isclose(config[theirs], ours):
+        value = config.get_float(theirs)
+        if value is not None and not math.isclose(value, ours):
             raise CheckpointError(
-                f"{source}: config.json has {theirs}={config[theirs]}, but family={family!r} uses "
+                f"{config.source}: has {theirs}={value}, but family={family!r} uses "
                 f"{ours}: pass the right family ('flux' or 'sd3')"
             )
 
@@ -113,16 +136,18 @@ def load_autoencoder(path, family: str = "flux", device="cpu", dtype: torch.dtyp
     holding `first_stage_model.*` / `vae.*`. family: "flux" or "sd3" (the latent scale and shift).
     dtype: defaults to the file's own."""
     path = Path(path)
+    preset(family)  # an unknown family is the caller's error, before the file's
     ckpt, config = _open(path)
     source, what = str(path), f"{path}: the autoencoder"
     dtype = dtype or ckpt.load_dtype()
-    if any(k.startswith("encoder.down_blocks.") for k in ckpt):  # Diffusers names
-        keymap = diffusers_to_ldm(ckpt.shapes(what).count_blocks(r"encoder\.down_blocks\.(\d+)\."))
-        shape = Shapes({ours: ckpt.shape(srcs[0]) for ours, srcs in keymap.plan(ckpt).items()}, what)
-        tensors = keymap.tensors(ckpt, dtype, device)
-    else:
-        shape, tensors = ckpt.shapes(what), ckpt.loaders(dtype, device)
-    params = params_from_shapes(shape, family)
+    shape, keymap = autoencoder_shapes(ckpt, what)
+    tensors = ckpt.loaders(dtype, device) if keymap is None else keymap.tensors(ckpt, dtype, device)
+    try:
+        params = params_from_shapes(shape, family)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # the params' own checks
+        raise CheckpointError(f"{source}: its shapes give an invalid autoencoder: {e}") from None
     if config is not None:
         _check_config(config, params, family, source)
     attn = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")

@@ -1,9 +1,10 @@
 """Reading and writing safetensors and JSON configs, with the checks every loader shares.
 
 `Checkpoint` is a lazy, read-only view of one safetensors file, or of the shards of a sharded
-checkpoint: it knows every key's shape and dtype from the headers and reads one tensor at a time
-(safetensors memory-maps the file), so materializing a model needs about one copy of the weights.
-Nothing is ever unpickled: a file that is not safetensors is refused with a clear error.
+checkpoint: it knows every key's shape and dtype from the headers (validated: convert/header.py) and
+reads one tensor at a time (memory-mapped), so materializing a model needs about one copy of the
+weights. Nothing is ever unpickled: a file that is not safetensors is refused with a clear error.
+`read_config` reads JSON configs as `Config`s, whose typed reads name the file and field.
 `write_atomic` is the one way this repository writes a file: whole or not at all.
 """
 
@@ -14,7 +15,6 @@ import math
 import mmap
 import os
 import re
-import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -24,13 +24,10 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
-# safetensors dtype names -> torch dtypes
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from .errors import CheckpointError, UnsupportedQuantization  # noqa: F401 (re-exported: their home is errors.py)
+from .header import DTYPES, read_header  # noqa: F401 (read_header re-exported)
+from .quant import detect
+
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT8_LOADS_AS = torch.bfloat16  # float8 weights are upcast at load unless a dtype is asked (docs/formats.md)
 
@@ -47,40 +44,63 @@ BUNDLED_ENCODERS = {  # our encoder role -> its prefix in SAI `*_incl_clips*` an
 NOT_TRANSFORMER = (*AUTOENCODER_PREFIXES, "text_encoders.", "cond_stage_model.", "conditioner.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked: the message names the file, key or shape."""
+class Config(dict):
+    """A JSON object read from a file (`read_config`): a dict whose typed reads name the file and the field.
+
+    `get_int("num_layers", 19)`: the field, or the default when it is absent or null; a value of the wrong
+    type is a CheckpointError naming the file and the field. `source`: the file (or what holds the JSON).
+    """
+
+    def __init__(self, data: Mapping, source: str):
+        super().__init__(data)
+        self.source = source
+
+    def _typed(self, name: str, default, expected: str, ok: Callable[[object], bool]):
+        value = self.get(name)
+        if value is None:
+            return default
+        if not ok(value):
+            raise CheckpointError(f"{self.source}: field {name!r} is {value!r}, expected {expected}")
+        return value
+
+    def get_int(self, name: str, default: int | None = None, minimum: int | None = 1) -> int | None:
+        """An integer field (at least `minimum`, default 1: sizes and counts)."""
+        low = -math.inf if minimum is None else minimum
+        expected = "an integer" + ("" if minimum is None else f" >= {minimum}")
+        return self._typed(name, default, expected, lambda v: type(v) is int and v >= low)
+
+    def get_float(self, name: str, default: float | None = None) -> float | None:
+        """A finite number (an integer is accepted)."""
+        v = self._typed(name, default, "a number", lambda v: type(v) in (int, float) and math.isfinite(v))
+        return None if v is None else float(v)
+
+    def get_bool(self, name: str, default: bool | None = None) -> bool | None:
+        return self._typed(name, default, "true or false", lambda v: type(v) is bool)
+
+    def get_str(self, name: str, default: str | None = None) -> str | None:
+        return self._typed(name, default, "a string", lambda v: isinstance(v, str))
+
+    def get_ints(self, name: str, default: tuple | None = None, minimum: int = 0) -> tuple[int, ...] | None:
+        """A list of integers (at least `minimum` each), as a tuple."""
+        ok = lambda v: isinstance(v, (list, tuple)) and all(type(x) is int and x >= minimum for x in v)  # noqa: E731
+        v = self._typed(name, default, f"a list of integers >= {minimum}", ok)
+        return None if v is None else tuple(v)
+
+    def get_dict(self, name: str) -> Config:
+        """A nested JSON object ({} when absent), itself a Config naming the field in its errors."""
+        value = self._typed(name, {}, "a JSON object", lambda v: isinstance(v, dict))
+        return Config(value, f"{self.source}, field {name!r}")
+
+    @classmethod
+    def of(cls, data: Mapping | None, source: str = "config") -> Config:
+        """`data` as a Config (a plain dict gets `source` as its name); None stays None."""
+        return data if isinstance(data, Config) or data is None else cls(data, source)
 
 
-def read_header(path: str | os.PathLike) -> dict:
-    """The JSON header of a safetensors file, with `__data_start__` added; a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > min(size - 8, 100 << 20):
-            raise CheckpointError(
-                f"{path}: not a safetensors file (pickled .ckpt/.pt/.bin files are not read: "
-                "convert them to safetensors first)"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
-    header["__data_start__"] = 8 + n
-    return header
+def read_config(path: str | os.PathLike) -> Config | None:
+    """A JSON config file (config.json, an index, a tokenizer config, model_index.json); None if there is no such file.
 
-
-def read_config(path: str | os.PathLike) -> dict | None:
-    """A JSON config file (config.json, an index, a tokenizer config) as a dict; None if there is no such file.
-
-    Errors name the file: malformed JSON, or JSON that is not an object.
+    Errors name the file: malformed JSON, or JSON that is not an object; `Config`'s typed reads name the field.
     """
     path = Path(path)
     if not path.is_file():
@@ -91,7 +111,18 @@ def read_config(path: str | os.PathLike) -> dict | None:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
-    return config
+    return Config(config, str(path))
+
+
+def parse_json(text: str, where: str) -> Config:
+    """A JSON object stored as a string (e.g. a header entry), as a Config; errors name `where`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: not a JSON object")
+    return Config(value, where)
 
 
 class Shapes(dict):
@@ -128,15 +159,20 @@ class Entry(NamedTuple):
 class Checkpoint(Mapping):
     """Lazy view of safetensors files: `ckpt[key]` reads one tensor; `shape(key)`, `dtype(key)` read nothing.
 
-    ComfyUI "scaled fp8" files are dequantized transparently: their `scaled_fp8` marker and the
-    `<layer>.scale_weight` / `.scale_input` tensors are not keys of the view, and loading
-    `<layer>.weight` gives `W_fp8 * scale_weight` (docs/formats.md, "fp8 and scaled fp8").
+    Opening a file validates its header (convert/header.py) and finds its quantization before anything
+    else (convert/quant.py): formats we do not read are refused there, naming the format. Scaled fp8
+    files (ComfyUI's) are dequantized transparently: their markers and scales are not keys of the view,
+    and loading `<layer>.weight` gives `W_fp8 * scale` (docs/formats.md, "Quantized files").
+    `source` names the file (or the index or folder of a sharded checkpoint) in every error.
     """
 
-    def __init__(self, files: Iterable[str | os.PathLike], _entries: dict | None = None, metadata=None, _scales=None):
+    def __init__(self, files: Iterable[str | os.PathLike], _entries: dict | None = None, metadata=None,
+                 _scales=None, source: str | None = None, quantization: str | None = None):
         self.files = [Path(f) for f in files]
+        self.source = source or (str(self.files[0]) if len(self.files) == 1 else "checkpoint")
         self.metadata: dict[str, str] = dict(metadata or {})
-        self._scales: dict[str, Entry] = _scales or {}  # weight key -> its scale_weight
+        self._scales: dict[str, Entry] = _scales or {}  # weight key -> its one-number scale
+        self.quantization = quantization  # the format's name (convert/quant.py), None: plain or float8-cast
         if _entries is not None:
             self._entries: dict[str, Entry] = _entries
             return
@@ -148,16 +184,16 @@ class Checkpoint(Mapping):
             for name, info in header.items():
                 if name in self._entries:
                     raise CheckpointError(f"{f}: key {name!r} also appears in {self._entries[name].file}")
-                if info["dtype"] not in _DTYPES:
-                    raise CheckpointError(f"{f}: key {name!r} has unsupported dtype {info['dtype']}")
-                dtype, (begin, end) = _DTYPES[info["dtype"]], info["data_offsets"]
-                if end - begin != math.prod(info["shape"]) * dtype.itemsize:
-                    raise CheckpointError(f"{f}: key {name!r}: data size does not match shape {info['shape']}")
-                self._entries[name] = Entry(f, start + begin, list(info["shape"]), dtype)
-        for k in [k for k in self._entries if k.endswith(("scaled_fp8", ".scale_weight", ".scale_input"))]:
-            entry = self._entries.pop(k)
-            if k.endswith(".scale_weight"):
-                self._scales[k[: -len("scale_weight")] + "weight"] = entry
+                begin = info["data_offsets"][0]
+                self._entries[name] = Entry(f, start + begin, list(info["shape"]), DTYPES[info["dtype"]])
+        found = detect(
+            {k: e.shape for k, e in self._entries.items()}, {k: e.dtype for k, e in self._entries.items()},
+            self.metadata, lambda k: _read(self._entries[k], None, "cpu"), self.source,
+        )
+        self.quantization = found.name
+        self._scales = {w: self._entries[s] for w, s in found.scales.items()}
+        for k in found.extra:
+            del self._entries[k]
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Checkpoint:
@@ -173,18 +209,23 @@ class Checkpoint(Mapping):
             elif not files:
                 raise CheckpointError(f"{path}: folder holds no .safetensors file")
             else:
-                return cls(files)
+                return cls(files, source=str(path))
         if path.name.endswith(".index.json"):
             index = read_config(path)
             if index is None:
                 raise CheckpointError(f"{path}: no such file")
-            shards = sorted(set(index.get("weight_map", {}).values()))
+            weight_map = index.get_dict("weight_map")
+            if not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{path}: field 'weight_map' must map keys to file names")
+            shards = sorted(set(weight_map.values()))
             if not shards:
                 raise CheckpointError(f"{path}: index has no weight_map")
             missing = [s for s in shards if not (path.parent / s).is_file()]
             if missing:
                 raise CheckpointError(f"{path}: shard file(s) missing: {', '.join(missing)}")
-            return cls([path.parent / s for s in shards], metadata=index.get("metadata"))
+            metadata = index.get_dict("metadata")
+            return cls([path.parent / s for s in shards], metadata={k: str(v) for k, v in metadata.items()},
+                       source=str(path))
         return cls([path])
 
     # Mapping interface: keys and lazy values
@@ -206,9 +247,9 @@ class Checkpoint(Mapping):
     def dtype(self, key: str) -> torch.dtype:
         return self._entries[key].dtype
 
-    def shapes(self, what: str) -> Shapes:
-        """{key: shape} of every tensor (nothing is read); a missing key is an error naming `what`."""
-        return Shapes({k: e.shape for k, e in self._entries.items()}, what)
+    def shapes(self, what: str | None = None) -> Shapes:
+        """{key: shape} of every tensor (nothing is read); a missing key is an error naming `what` (the file)."""
+        return Shapes({k: e.shape for k, e in self._entries.items()}, what or self.source)
 
     def load(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
         """One tensor, cast (float8 is upcast) and moved; nothing else of the file is held.
@@ -217,7 +258,7 @@ class Checkpoint(Mapping):
         loading costs no copy and edits (a LoRA merge) never reach the file. To be cast: read into a
         buffer of its own, cast, and the buffer is freed, so no mapped pages pile up.
         """
-        if key in self._scales:  # scaled fp8: W = W_fp8 * scale_weight, computed in fp32
+        if key in self._scales:  # scaled fp8: W = W_fp8 * scale, computed in fp32
             w = _read(self._entries[key], torch.float32, "cpu") * _read(self._scales[key], torch.float32, "cpu")
             return w.to(device=device, dtype=dtype or FLOAT8_LOADS_AS)
         return _read(self._entries[key], dtype, device)
@@ -226,17 +267,21 @@ class Checkpoint(Mapping):
         """{key: a zero-argument `load` of it} for every tensor: lazy input for `load_state_dict_strict`."""
         return {k: partial(self.load, k, dtype, device) for k in self._entries}
 
+    def _view(self, entries: dict, scales: dict, source: str) -> Checkpoint:
+        return Checkpoint(self.files, _entries=entries, metadata=self.metadata, _scales=scales, source=source,
+                          quantization=self.quantization)
+
     def with_prefix(self, prefix: str) -> Checkpoint:
         """The keys under `prefix`, with the prefix removed (a view, nothing is read)."""
         entries = {k[len(prefix):]: v for k, v in self._entries.items() if k.startswith(prefix)}
         scales = {k[len(prefix):]: v for k, v in self._scales.items() if k.startswith(prefix)}
-        return Checkpoint(self.files, _entries=entries, metadata=self.metadata, _scales=scales)
+        return self._view(entries, scales, self.source)
 
     def without_prefixes(self, prefixes: Iterable[str]) -> Checkpoint:
         """All keys except those under any of `prefixes` (e.g. bundled encoders)."""
         prefixes = tuple(prefixes)
         entries = {k: v for k, v in self._entries.items() if not k.startswith(prefixes)}
-        return Checkpoint(self.files, _entries=entries, metadata=self.metadata, _scales=self._scales)
+        return self._view(entries, self._scales, self.source)
 
     def part(self, prefixes: Iterable[str]) -> Checkpoint | None:
         """The keys under the first of `prefixes` that some key has, prefix removed; None if no key has any."""
@@ -255,6 +300,13 @@ class Checkpoint(Mapping):
         """The dtype loaders default to: the storage dtype, float8 upcast to bfloat16."""
         dtype = self.storage_dtype()
         return FLOAT8_LOADS_AS if dtype in FLOAT8 else dtype
+
+    def describe_storage(self) -> str:
+        """The stored dtype and the quantization, for messages and `python -m convert inspect`."""
+        dtype = str(self.storage_dtype()).removeprefix("torch.")
+        if self.quantization:
+            return f"{dtype} ({self.quantization}, dequantized at load)"
+        return f"{dtype} (plain cast at load)" if self.storage_dtype() in FLOAT8 else dtype
 
 
 def _read(entry: Entry, dtype: torch.dtype | None, device) -> torch.Tensor:
@@ -282,10 +334,12 @@ def _read(entry: Entry, dtype: torch.dtype | None, device) -> torch.Tensor:
 def load_state_dict_strict(
     module: torch.nn.Module, tensors: Mapping[str, object], what: str, source: str
 ) -> None:
-    """`module.load_state_dict(tensors, strict=True, assign=True)`, with errors that name keys and shapes.
+    """`module.load_state_dict(tensors, strict=True, assign=True)`, with errors that name keys, shapes and dtypes.
 
     `tensors` may hold real tensors or zero-argument callables producing them (read lazily, in order),
     so only one source tensor is in flight at a time. Nothing is assigned unless every key and shape fits.
+    A tensor that is not floating point where the module has floating-point weights (an integer or bool
+    tensor, e.g. a quantized weight) is refused by name.
     """
     expected = module.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in tensors]
@@ -304,6 +358,11 @@ def load_state_dict_strict(
         if tuple(t.shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{source}: key {k!r} has shape {list(t.shape)}, the {what} expects {list(ref.shape)}"
+            )
+        if ref.dtype.is_floating_point and not t.dtype.is_floating_point:
+            raise CheckpointError(
+                f"{source}: key {k!r} is stored as {str(t.dtype).removeprefix('torch.')}, the {what} expects "
+                "floating-point weights (a quantized file?)"
             )
         out[k] = t
     module.load_state_dict(out, strict=True, assign=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from mmdit.flux import PRESETS, FluxParams
 
-from .files import Checkpoint
+from .files import Checkpoint, Config
 from .mapping import KeyMap
 
 NATIVE = "bfl"
@@ -70,7 +70,7 @@ def diffusers_keymap(params: FluxParams) -> KeyMap:
 
 def params_from_native(ckpt: Checkpoint) -> FluxParams:
     """The config implied by BFL keys and shapes (axes_dim: (16, 56, 56) scaled to the head dim)."""
-    shape = ckpt.shapes("FLUX checkpoint")
+    shape = ckpt.shapes(f"{ckpt.source} (FLUX checkpoint)")
     hidden, in_ch = shape["img_in.weight"]
     head_dim = shape["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     return FluxParams(
@@ -99,20 +99,22 @@ def default_axes(head_dim: int) -> tuple[int, int, int]:
 
 
 def params_from_diffusers_config(cfg: dict) -> FluxParams:
-    """`FluxTransformer2DModel`'s config.json -> FluxParams (defaults: Diffusers' own)."""
-    heads, hd = cfg.get("num_attention_heads", 24), cfg.get("attention_head_dim", 128)
-    in_ch = cfg.get("in_channels", 64)
+    """`FluxTransformer2DModel`'s config.json -> FluxParams (defaults: Diffusers' own); a field of the wrong
+    type is an error naming the file and the field."""
+    cfg = Config.of(cfg)
+    heads, hd = cfg.get_int("num_attention_heads", 24), cfg.get_int("attention_head_dim", 128)
+    in_ch = cfg.get_int("in_channels", 64)
     return FluxParams(
         in_channels=in_ch,
-        out_channels=cfg.get("out_channels") or in_ch,
-        vec_in_dim=cfg.get("pooled_projection_dim", 768),
-        context_in_dim=cfg.get("joint_attention_dim", 4096),
+        out_channels=cfg.get_int("out_channels") or in_ch,
+        vec_in_dim=cfg.get_int("pooled_projection_dim", 768),
+        context_in_dim=cfg.get_int("joint_attention_dim", 4096),
         hidden_size=heads * hd,
         num_heads=heads,
-        depth=cfg.get("num_layers", 19),
-        depth_single_blocks=cfg.get("num_single_layers", 38),
-        axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
-        guidance_embed=bool(cfg.get("guidance_embeds", False)),
+        depth=cfg.get_int("num_layers", 19, minimum=0),
+        depth_single_blocks=cfg.get_int("num_single_layers", 38, minimum=0),
+        axes_dim=cfg.get_ints("axes_dims_rope", (16, 56, 56)),
+        guidance_embed=cfg.get_bool("guidance_embeds", False),
     )
 
 

@@ -57,12 +57,23 @@ def detect_transformer(path) -> Detected:
     if (path / "transformer").is_dir():  # a Diffusers repo folder
         path = path / "transformer"
     config = read_config(path / "config.json")  # None beside a single file
-    src = str(path)
-    ckpt = Checkpoint.open(path)
-    ckpt = ckpt.part(TRANSFORMER_PREFIXES) or ckpt.without_prefixes(NOT_TRANSFORMER)
-    if not len(ckpt):
-        raise CheckpointError(f"{src}: holds no transformer weights (only {', '.join(NOT_TRANSFORMER)} parts?)")
+    ckpt = Checkpoint.open(path)  # refuses quantized formats we do not read, naming them
+    found = find_transformer(ckpt, config, str(path))
+    if found is None:
+        known = ", ".join(f"{family} ({layout.NATIVE} or Diffusers)" for family, layout in FAMILIES.items())
+        first = ", ".join(list(transformer_part(ckpt))[:3])
+        raise CheckpointError(f"{path}: unsupported layout: not a transformer of {known}; first keys: {first}")
+    return found
 
+
+def transformer_part(ckpt: Checkpoint) -> Checkpoint:
+    """The transformer's keys of a file: those under its prefix, else all but the other parts'."""
+    return ckpt.part(TRANSFORMER_PREFIXES) or ckpt.without_prefixes(NOT_TRANSFORMER)
+
+
+def find_transformer(ckpt: Checkpoint, config: dict | None, src: str) -> Detected | None:
+    """The transformer of an open checkpoint (and its folder's config.json), or None if it holds none."""
+    ckpt = transformer_part(ckpt)
     cls = (config or {}).get("_class_name", "")
     for family, layout in FAMILIES.items():
         if layout.NATIVE_PROBE in ckpt:
@@ -70,20 +81,23 @@ def detect_transformer(path) -> Detected:
             return Detected(family, layout.NATIVE, layout.variant_name(p), p, ckpt, None, src)
         if cls == layout.DIFFUSERS_CLASS or layout.DIFFUSERS_PROBE in ckpt:
             if config is None:
-                raise CheckpointError(f"{src}: Diffusers-layout {family} weights need the folder's config.json beside them")
+                raise CheckpointError(
+                    f"{src}: Diffusers-layout {family} weights need the folder's config.json beside them"
+                )
             p = _params(layout.params_from_diffusers_config, config, src)
             return Detected(family, "diffusers", layout.variant_name(p), p, ckpt, layout.diffusers_keymap(p), src)
-    known = ", ".join(f"{family} ({layout.NATIVE} or Diffusers)" for family, layout in FAMILIES.items())
-    first = ", ".join(list(ckpt)[:3])
-    raise CheckpointError(f"{src}: unsupported layout: not a transformer of {known}; first keys: {first}")
+    return None
 
 
 def _params(read, arg, src: str):
-    """`read(arg)` (a family's params reader), its errors prefixed with the file's name."""
+    """`read(arg)` (a family's params reader), its errors naming the file; params the shapes or config make
+    invalid (heads that do not divide the width, ...) are refused the same way."""
     try:
         return read(arg)
     except CheckpointError as e:
-        raise CheckpointError(f"{src}: {e}") from None
+        raise CheckpointError(str(e) if src in str(e) else f"{src}: {e}") from None
+    except ValueError as e:  # a params dataclass's own check
+        raise CheckpointError(f"{src}: its shapes and config give an invalid model: {e}") from None
 
 
 def load_transformer(path, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:

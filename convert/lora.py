@@ -1,9 +1,11 @@
 """Loading the LoRA files people share into our models, and saving ours in the Diffusers/PEFT format.
 
-`load_lora` detects the format from the keys (convert/lora_formats.py), maps every module to a row
-slice of one of our Linears, stacks the slices that land on one Linear into one adapter (A
-concatenated, B block-diagonal: exact), and adds it to the model in place (mmdit/lora.py). A file
-for another base model is refused: the message names the first key or shape that does not fit.
+`load_lora` detects the format from the keys (convert/lora_formats.py), reads and checks the values
+(convert/lora_pieces.py), maps every module to a row slice of one of our Linears, stacks the slices
+that land on one Linear into one adapter (A concatenated, B block-diagonal: exact), and adds it to
+the model in place (mmdit/lora.py); full-weight deltas (`.diff`, `.diff_b`) join the same adapter
+as `WeightDelta`s (all-zero ones are skipped, as Diffusers drops them). A file whose shapes do not fit
+is refused: the message names the first key or shape that does not fit.
 `load_text_encoder_lora` does the same for the text-encoder part of a file, one encoder (role
 `clip_l`, `clip_g` or `t5`) at a time; `sampling.load_pipeline_lora` loads every part of a file.
 
@@ -25,19 +27,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mmdit.lora import adapter_names, adapters, wrap_linear
+from mmdit.lora import add_weight_delta, adapter_names, adapters, set_lora_scale, weight_deltas, wrap_linear
 
 from .families import FAMILIES
 from .files import Checkpoint, CheckpointError, save_safetensors_atomic
-from .lora_formats import (
-    ENCODER_ROLES,
-    Piece,
-    Target,
-    diffusers_targets,
-    lora_part,
-    read_pieces,
-    text_encoder_pieces,
-)
+from .lora_formats import ENCODER_ROLES, Target, diffusers_targets, lora_part
+from .lora_pieces import Delta, Parsed, Piece, read_pieces, text_encoder_pieces
 from .mapping import KeyMap, swap_halves
 
 
@@ -59,13 +54,43 @@ def _check(model: nn.Module, p: Piece, source: str, what: str) -> tuple[int, int
     m = model.get_submodule(p.target.module)
     (r, n_in), (n_out, r_up) = p.down.shape, p.up.shape
     length = p.target.length if p.target.length is not None else m.out_features - p.target.offset
-    if r != r_up or n_in != m.in_features or n_out != length:
+    if r != r_up:
+        raise CheckpointError(
+            f"{source}: LoRA {p.source!r} has down {list(p.down.shape)} and up {list(p.up.shape)}: "
+            f"their ranks ({r}, {r_up}) differ"
+        )
+    if n_in != m.in_features or n_out != length:
         raise CheckpointError(
             f"{source}: LoRA {p.source!r} has down {list(p.down.shape)} and up {list(p.up.shape)}, but "
             f"{p.target.module} of {what} takes {m.in_features} inputs and needs {length} output rows"
             " (a LoRA for another base model?)"
         )
     return p.target.offset, n_out
+
+
+def _delta_rows(model: nn.Module, deltas: list[Delta], source: str, what: str) -> tuple[int, torch.Tensor]:
+    """One parameter's deltas as one (first row, D): shapes checked, Diffusers' swapped halves undone, split
+    parts (`to_q`, `to_k`, `to_v` of a fused bias) placed on their rows."""
+    param = deltas[0].target.module
+    p = model.get_parameter(param)
+    rows = []
+    for d in deltas:
+        t = d.target
+        length = t.length if t.length is not None else (p.shape[0] - t.offset if p.dim() else None)
+        expected = [] if p.dim() == 0 else [length, *p.shape[1:]]
+        if list(d.value.shape) != expected:
+            raise CheckpointError(
+                f"{source}: {d.source!r} has shape {list(d.value.shape)}, but {param} of {what} needs "
+                f"{expected} (a LoRA for another base model?)"
+            )
+        rows.append((t.offset, swap_halves(d.value.float()) if t.swap else d.value.float()))
+    if p.dim() == 0:
+        return 0, sum(v for _, v in rows)
+    lo, hi = min(o for o, _ in rows), max(o + v.shape[0] for o, v in rows)
+    D = torch.zeros(hi - lo, *p.shape[1:])
+    for o, v in rows:
+        D[o - lo : o - lo + v.shape[0]] += v
+    return lo, D
 
 
 class Stacked(NamedTuple):
@@ -81,23 +106,29 @@ def _stack(model: nn.Module, pieces: list[Piece], source: str, what: str) -> Sta
     """One Linear's pieces as one adapter (exact: the stacked product is the sum of the pieces')."""
     rows = [_check(model, p, source, what) for p in pieces]
     lo, hi = min(o for o, _ in rows), max(o + n for o, n in rows)
-    scale = pieces[0].scale
+    scale = next((p.scale for p in pieces if p.scale), 0.0)  # all 0 (alpha 0, PEFT's rule): an adapter of scale 0
     A = torch.cat([p.down.float() for p in pieces])  # (R, in)
     B = torch.zeros(hi - lo, A.shape[0])  # block-diagonal (length, R)
     col = 0
     for p, (o, n) in zip(pieces, rows):
-        up = p.up.float() * (p.scale / scale)  # one scale per adapter: fold any other into B
+        up = p.up.float() * (p.scale / scale if scale else 1.0)  # one scale per adapter: fold any other into B
         B[o - lo : o - lo + n, col : col + up.shape[1]] = swap_halves(up) if p.target.swap else up
         col += up.shape[1]
     return Stacked(A, B, scale, lo)
 
 
 def _open(model: nn.Module, path: Path, name: str | None, family: str, what: str) -> tuple[str, Checkpoint]:
-    """The adapter name (default: the file's stem, free in `model`) and the file, refused if made for another family."""
+    """The adapter name (default: the file's stem, free in `model`) and the file, refused if made for another
+    family or if it is not a LoRA file (a training checkpoint)."""
     name = name or re.sub(r"\W", "_", path.stem)
     if name in adapter_names(model):
         raise ValueError(f"the model already has a LoRA adapter {name!r}: pass another name")
     ckpt = Checkpoint.open(path)
+    if "mmdit.step" in ckpt.metadata:
+        raise CheckpointError(
+            f"{path}: a training checkpoint of `mmdit train` (step {ckpt.metadata['mmdit.step']}), not a LoRA file: "
+            "pass the run's lora.safetensors, or resume the run from it"
+        )
     file_family = ckpt.metadata.get("mmdit.family")
     if file_family and file_family != family:
         raise CheckpointError(f"{path}: a LoRA for a {file_family} model, not for {what}")
@@ -105,34 +136,40 @@ def _open(model: nn.Module, path: Path, name: str | None, family: str, what: str
 
 
 def _add(
-    model: nn.Module, pieces: list[Piece], unmatched: list[str], name: str, scale: float, strict: bool,
-    source: str, what: str, part: str,
+    model: nn.Module, parsed: Parsed, name: str, scale: float, strict: bool, source: str, what: str, part: str,
 ) -> None:
-    """Add the pieces to `model` as adapter `name`, after every check (keys that match nothing: an
-    error, or with strict=False a warning; no pieces at all: an error)."""
-    if unmatched and (strict or not pieces):
+    """Add the pieces and deltas to `model` as adapter `name`, after every check (keys that match nothing:
+    an error, or with strict=False a warning; nothing at all to add: an error)."""
+    unmatched, found = parsed.unmatched, parsed.pieces or parsed.deltas
+    if unmatched and (strict or not found):
         raise CheckpointError(
-            f"{source}: {len(unmatched)} LoRA key(s) match no layer of {what} "
-            f"(a LoRA for another base model?), first: {unmatched[0]!r}"
-            + ("; pass strict=False to load the rest" if pieces else "; none matches")
+            f"{source}: {len(unmatched)} LoRA key(s) match no layer of {what}, first: {unmatched[0]!r}"
+            + ("; pass strict=False to load the rest" if found else "; none matches")
         )
     if unmatched:
         warnings.warn(f"{source}: {len(unmatched)} LoRA key(s) match nothing and are not applied: {unmatched}")
-    if not pieces:
+    if not found:
         raise CheckpointError(f"{source}: no {part} LoRA weights in the file")
 
     by_module: dict[str, list[Piece]] = {}
-    for p in pieces:
+    for p in parsed.pieces:
         by_module.setdefault(p.target.module, []).append(p)
+    by_param: dict[str, list[Delta]] = {}
+    for d in parsed.deltas:
+        by_param.setdefault(d.target.module, []).append(d)
     stacked = {mod: _stack(model, ps, source, what) for mod, ps in by_module.items()}  # every check before any change
+    deltas = {param: _delta_rows(model, ds, source, what) for param, ds in by_param.items()}
     for mod, s in stacked.items():
         rank = s.A.shape[0]
         a = wrap_linear(model, mod).add(name, rank, s.scale * rank, (s.offset, s.B.shape[0]))  # alpha = scale * rank
         with torch.no_grad():
             a.lora_A.copy_(s.A)
             a.lora_B.copy_(s.B)
-        a.strength = float(scale)
-        a.refresh()
+    for param, (offset, D) in deltas.items():
+        if D.any():  # all-zero deltas change nothing (Diffusers drops them)
+            add_weight_delta(model, param, name, D, offset)
+    if name in adapter_names(model):
+        set_lora_scale(model, name, scale)
 
 
 def load_lora(
@@ -150,11 +187,11 @@ def load_lora(
     what = _describe(model)
     name, ckpt = _open(model, path, name, model.family, what)
     tensors = {k: ckpt.load(k) for k in ckpt}
-    pieces, unmatched, skipped = read_pieces(tensors, ckpt.metadata, model, keymap, str(path))
+    parsed, skipped = read_pieces(tensors, ckpt.metadata, model, keymap, str(path))
     if skipped:
         warnings.warn(f"{path}: {len(skipped)} text-encoder LoRA key(s) are not applied to the transformer, "
                       f"first: {skipped[0]!r} (load them with sampling.load_pipeline_lora)")
-    _add(model, pieces, unmatched, name, scale, strict, str(path), what, "transformer")
+    _add(model, parsed, name, scale, strict, str(path), what, "transformer")
     return name
 
 
@@ -175,8 +212,8 @@ def load_text_encoder_lora(
     what = f"the {role} text encoder"
     name, ckpt = _open(encoder, path, name, family, what)
     tensors = {k: ckpt.load(k) for k in ckpt if lora_part(k, family) == role}
-    pieces, unmatched = text_encoder_pieces(tensors, ckpt.metadata, encoder, role, family, str(path))
-    _add(encoder, pieces, unmatched, name, scale, strict, str(path), what, f"{role} text-encoder")
+    parsed = text_encoder_pieces(tensors, ckpt.metadata, encoder, role, family, str(path))
+    _add(encoder, parsed, name, scale, strict, str(path), what, f"{role} text-encoder")
     return name
 
 
@@ -196,6 +233,9 @@ def save_lora(
 
     metadata: extra header entries (e.g. TACA settings); values that are not strings are stored as JSON.
     """
+    if any(True for _ in weight_deltas(model, name)):
+        raise ValueError(f"adapter {name!r} has full-weight deltas (.diff): the Diffusers/PEFT format cannot hold "
+                         "them (mmdit.lora.lora_state_dict writes the ComfyUI layout, which can)")
     by_ours: dict[str, list[tuple[str, Target]]] = {}
     for path_d, t in diffusers_targets(model, diffusers_keymap(model)).items():
         by_ours.setdefault(t.module, []).append((path_d, t))

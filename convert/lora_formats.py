@@ -1,7 +1,8 @@
-"""The LoRA file formats in use for FLUX and SD3.5, read into one form: `Piece`s on our Linears.
+"""The LoRA file formats in use for FLUX and SD3.5: how each names its modules, and where they land in our model.
 
-Every format is a set of (module, down, up, alpha) triples; what differs is the module naming, the
-tensor names, and where alpha comes from (docs/formats.md, "LoRA formats", gives the sources):
+Every format is a set of (module, down, up, alpha) triples, sometimes with full-weight deltas; what
+differs is the module naming, the tensor names, and where alpha comes from (docs/formats.md, "LoRA
+formats", gives the sources; convert/lora_pieces.py reads the values):
 
 | format | keys | scale (before the user's strength) |
 |---|---|---|
@@ -10,11 +11,16 @@ tensor names, and where alpha comes from (docs/formats.md, "LoRA formats", gives
 | ComfyUI / BFL | `[diffusion_model.]<our path>.lora_A/B` or `.lora_down/up`, `.alpha` | alpha / rank, 1 without alpha |
 | XLabs | `[diffusion_model.]double_blocks.N.processor.qkv_lora1.down.weight`, ... | 1 |
 
+Full-weight deltas (ComfyUI `comfy/lora.py`, LyCORIS `lycoris/modules/full.py`; trainers write them for
+norms and biases): `<module>.diff` is added to the module's weight (or to its one parameter, e.g. FLUX's RMSNorm
+`scale`), `<module>.diff_b` to its bias, `<parameter>.diff` to a parameter not called `weight`; kohya
+names write the module with `_`, the Diffusers layout its own module paths (split parts land on rows).
+
 Diffusers paths of split projections (`to_q`, `proj_mlp`, ...) become row slices of our fused
 Linears; the adaLN stored as (scale, shift) by Diffusers gets its LoRA's output rows (B) swapped.
 XLabs' own pipeline multiplies both down and up by its `lora_weight`, i.e. strength w there is w²
 here; we follow Diffusers (strength is linear). BFL control LoRAs (`lora_B.bias`, replaced norm
-scales), DoRA and full-weight diffs (`.diff`, `.diff_b`) are refused with a message saying so.
+scales) and DoRA are refused with a message saying so.
 
 Text-encoder weights in the same files are read per encoder role (our pipelines' `clip_l`,
 `clip_g`, `t5`) onto Hugging Face module paths, which our encoders share (`text_model.encoder.
@@ -33,12 +39,10 @@ Diffusers' own loaders apply the CLIP parts only (FLUX: `text_encoder.`; SD3: `t
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from torch import Tensor, nn
+from torch import nn
 
 from .families import FAMILIES
 from .files import BUNDLED_ENCODERS, TRANSFORMER_PREFIXES, CheckpointError
@@ -53,10 +57,10 @@ TEXT_ENCODER_KEYS = {
     "lora_te3_": ("t5", "kohya"), **{prefix: (role, "comfyui") for role, prefix in BUNDLED_ENCODERS.items()},
 }
 
-# tensor suffix -> role (down = A (r, in), up = B (out, r))
+# tensor suffix -> role (down = A (r, in), up = B (out, r); diff, diff_b: full-weight deltas)
 _ROLES = {
     "lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up",
-    "down.weight": "down", "up.weight": "up", "alpha": "alpha",
+    "down.weight": "down", "up.weight": "up", "alpha": "alpha", "diff": "diff", "diff_b": "diff_b",
 }
 _KEY = re.compile(r"(.+?)\.(" + "|".join(re.escape(r) for r in _ROLES) + ")")
 
@@ -72,21 +76,13 @@ XLABS = [  # XLabs processor names -> ours, and whether only the q, k, v rows (3
 
 @dataclass
 class Target:
-    """Where a file's module lands in our model: rows [offset, offset + length) of Linear `module`."""
+    """Where a file's module lands in our model: rows [offset, offset + length) of `module`, our Linear
+    (a LoRA pair) or our parameter (a full-weight delta)."""
 
     module: str
     offset: int = 0
-    length: int | None = None  # None: all rows from offset (checked against B)
-    swap: bool = False  # B's two row halves swapped (Diffusers' (scale, shift) adaLN)
-
-
-@dataclass
-class Piece:
-    target: Target
-    down: Tensor  # A: (r, in)
-    up: Tensor  # B: (length, r)
-    scale: float  # alpha / rank from the file
-    source: str  # the file's module name, for messages
+    length: int | None = None  # None: all rows from offset (checked against B or the delta)
+    swap: bool = False  # the two row halves swapped (Diffusers' (scale, shift) adaLN)
 
 
 # ---- Diffusers module paths, derived from the model family's Diffusers -> ours KeyMap ----
@@ -108,52 +104,65 @@ def _index_bound(names) -> int:
     return 1 + max((int(m[1]) for name in names if (m := re.match(r"[^.]+\.(\d+)\.", name))), default=0)
 
 
-def diffusers_targets(model: nn.Module, keymap: KeyMap) -> dict[str, Target]:
-    """{Diffusers Linear path: Target} for every Linear of `model` that `keymap` names.
+def _params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's own parameters (not those of LoRA adapters)."""
+    return {n: p for n, p in model.named_parameters() if ".lora." not in n}
 
-    Parts of a fused tensor are `in_features` rows each (q, k, v), the last one taking the rest
-    (FLUX's `proj_mlp` in `linear1`).
+
+def diffusers_params(model: nn.Module, keymap: KeyMap) -> dict[str, Target]:
+    """{Diffusers parameter key: Target(our parameter, rows)} for every parameter of `model` that `keymap` names.
+
+    Parts of a fused tensor are `in_features` rows each (q, k, v) of the Linear they belong to, the
+    last one taking the rest (FLUX's `proj_mlp` in `linear1`).
     """
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    n = _index_bound(linears)
+    params = _params(model)
+    n = _index_bound(params)
     rules = [(p, r, None) for p, r in keymap.renames] + list(keymap.fused)
     out: dict[str, Target] = {}
     for pat, rep, part in rules:
         for key in _examples(pat, n):
             ours = re.sub(pat, rep, key)
-            mod = ours.removesuffix(".weight")
-            if not key.endswith(".weight") or mod not in linears:
-                continue  # biases, norms, position tables
-            m = linears[mod]
+            if ours not in params:
+                continue
             swap = any(re.fullmatch(s, ours) for s in keymap.swap)
-            offset = 0 if part is None else part * m.in_features
-            out[key.removesuffix(".weight")] = Target(mod, offset, None if part is None else m.in_features, swap)
-    # the last part of a fused Linear takes the remaining rows
-    by_module: dict[str, list[Target]] = {}
+            rows = None if part is None else model.get_submodule(ours.rpartition(".")[0]).in_features
+            out[key] = Target(ours, 0 if part is None else part * rows, rows, swap)
+    by_param: dict[str, list[Target]] = {}
     for t in out.values():
-        by_module.setdefault(t.module, []).append(t)
-    for mod, ts in by_module.items():
+        by_param.setdefault(t.module, []).append(t)
+    for ours, ts in by_param.items():  # the last part of a fused tensor takes the remaining rows
         ts.sort(key=lambda t: t.offset)
-        ts[-1].length = linears[mod].out_features - ts[-1].offset
+        ts[-1].length = params[ours].shape[0] - ts[-1].offset
+    return out
+
+
+def diffusers_targets(model: nn.Module, keymap: KeyMap) -> dict[str, Target]:
+    """{Diffusers Linear path: Target(our Linear, rows)} for every Linear of `model` that `keymap` names."""
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    out = {}
+    for key, t in diffusers_params(model, keymap).items():
+        mod = t.module.removesuffix(".weight")
+        if key.endswith(".weight") and t.module.endswith(".weight") and mod in linears:
+            out[key.removesuffix(".weight")] = replace(t, module=mod)
     return out
 
 
 # ---- format detection and key parsing ----
 
 
-def detect_format(keys: list[str]) -> str:
-    """`diffusers` | `kohya` | `comfyui` | `xlabs`; refused formats raise with the reason."""
+def detect_format(keys: list[str], source: str) -> str:
+    """`diffusers` | `kohya` | `comfyui` | `xlabs`; refused formats raise with the reason, naming `source`."""
     def has(pred):
         return next((k for k in keys if pred(k)), None)
 
     if k := has(lambda k: k.endswith(("lora_B.bias", "query_norm.scale"))):
-        raise CheckpointError(f"BFL control LoRAs (with LoRA biases and replaced norms, e.g. {k!r}) are not supported")
+        raise CheckpointError(
+            f"{source}: a BFL control LoRA (with LoRA biases and replaced norms, e.g. {k!r}): not supported"
+        )
     if k := has(lambda k: "dora_scale" in k or "lora_magnitude_vector" in k):
-        raise CheckpointError(f"DoRA LoRAs are not supported (key {k!r})")
-    if k := has(lambda k: k.endswith((".diff", ".diff_b"))):
-        raise CheckpointError(f"full-weight differences ({k!r}) are not supported, only low-rank LoRA pairs")
+        raise CheckpointError(f"{source}: a DoRA LoRA (key {k!r}): not supported")
     if k := has(lambda k: k.startswith(("lora_", "lycoris_")) and not k.startswith(("lora_unet_", "lora_te"))):
-        raise CheckpointError(f"unsupported LoRA key naming {k!r} (OneTrainer / LyCORIS)")
+        raise CheckpointError(f"{source}: unsupported LoRA key naming {k!r} (OneTrainer / LyCORIS)")
     if has(lambda k: ".processor." in k):
         return "xlabs"
     if has(lambda k: k.startswith("lora_unet_")):
@@ -161,7 +170,7 @@ def detect_format(keys: list[str]) -> str:
     if has(lambda k: k.startswith("transformer.")):
         return "diffusers"
     if k := has(lambda k: k.startswith("base_model.")):
-        raise CheckpointError(f"unsupported LoRA layout (PEFT `base_model.model.` keys, e.g. {k!r})")
+        raise CheckpointError(f"{source}: unsupported LoRA layout (PEFT `base_model.model.` keys, e.g. {k!r})")
     return "comfyui"
 
 
@@ -178,21 +187,9 @@ def group_keys(keys: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
     return modules, other
 
 
-def lora_config(metadata: dict[str, str], prefix: str = "transformer") -> dict:
-    """The PEFT LoraConfig kwargs Diffusers writes under `lora_adapter_metadata` (our prefix only)."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    cfg = json.loads(raw)
-    return {k[len(prefix) + 1 :]: v for k, v in cfg.items() if k.startswith(prefix + ".")}
-
-
-def pattern_value(patterns: dict, module: str, default):
-    """PEFT's `rank_pattern` / `alpha_pattern` lookup: a key matches a module path ending in it."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def is_lora(keys) -> bool:
+    """Whether keys look like a LoRA file's (LoRA pairs, alphas or deltas)."""
+    return any(_KEY.fullmatch(k) for k in keys)
 
 
 def strip_prefix(fmt: str, key: str) -> str | None:
@@ -219,50 +216,33 @@ def model_targets(fmt: str, model: nn.Module, keymap: KeyMap) -> dict[str, Targe
     return {n: Target(n) for n in linears}
 
 
-def read_pieces(
-    tensors: dict[str, Tensor], metadata: dict[str, str], model: nn.Module, keymap: KeyMap, source: str
-) -> tuple[list[Piece], list[str], list[str]]:
-    """All pieces of a LoRA file for `model`; also the keys that match nothing and the text-encoder keys."""
-    fmt = detect_format(list(tensors))
-    stripped, skipped = {}, []  # {key without prefix: file key}, text-encoder keys
-    for k in tensors:
-        s = strip_prefix(fmt, k)
-        if s is None:
-            skipped.append(k)
-        else:
-            stripped[s] = k
-    cfg = lora_config(metadata) if fmt == "diffusers" else {}
-    pieces, unmatched = module_pieces(tensors, stripped, model_targets(fmt, model, keymap), cfg, source)
-    return pieces, unmatched, skipped
+def delta_targets(fmt: str, model: nn.Module, keymap: KeyMap | None = None) -> dict[tuple[str, str], Target]:
+    """{(name as the format writes it, "diff" | "diff_b"): our parameter} for the full-weight deltas.
 
-
-def module_pieces(
-    tensors: dict[str, Tensor], stripped: dict[str, str], targets: dict[str, Target], cfg: dict, source: str
-) -> tuple[list[Piece], list[str]]:
-    """The pieces of the LoRA modules in `stripped` ({key without its prefix: file key}) that land on
-    `targets`, scaled by their `.alpha` keys, else the PEFT config `cfg`; also the keys that match nothing."""
-    if cfg.get("use_dora"):
-        raise CheckpointError(f"{source}: DoRA LoRAs are not supported")
-    modules, other = group_keys(list(stripped))
-    unmatched = [stripped[k] for k in other]
-    pieces = []
-    for name, roles in modules.items():
-        roles = {r: stripped[k] for r, k in roles.items()}
-        if "down" not in roles or "up" not in roles:
-            missing = "up" if "down" in roles else "down"
-            raise CheckpointError(f"{source}: LoRA module {name!r} lacks its {missing} matrix")
-        if name not in targets:
-            unmatched += roles.values()
+    Native names (ComfyUI, BFL, kohya with `_`, text encoders' HF paths): a module's `.diff` is its
+    `weight`, or its one parameter (FLUX's RMSNorm `scale`); `.diff_b` its `bias`; and (not kohya) a
+    parameter's own name for one not called `weight` (ComfyUI `comfy/lora.py` `model_lora_keys_unet`).
+    Diffusers names: the module's `weight` / `bias` through the key map (a split part lands on rows).
+    """
+    if fmt == "diffusers":
+        params = diffusers_params(model, keymap)
+        return {(key.rpartition(".")[0], "diff" if key.endswith(".weight") else "diff_b"): t
+                for key, t in params.items() if key.endswith((".weight", ".bias"))}
+    kohya = fmt == "kohya"
+    out: dict[tuple[str, str], Target] = {}
+    for mod_name, m in model.named_modules():
+        own = [n for n, _ in m.named_parameters(recurse=False)]
+        if not mod_name or not own or ".lora." in f"{mod_name}.":
             continue
-        down, up = tensors[roles["down"]], tensors[roles["up"]]
-        rank = down.shape[0]
-        if "alpha" in roles:
-            alpha = float(tensors[roles["alpha"]].float().item()) or rank  # kohya: alpha 0 means rank
-        else:
-            alpha = pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", rank))
-        scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
-        pieces.append(Piece(targets[name], down, up, scale, roles["down"]))
-    return pieces, unmatched
+        name = mod_name.replace(".", "_") if kohya else mod_name
+        weight = "weight" if "weight" in own else own[0] if own != ["bias"] and len(own) == 1 else None
+        if weight:
+            out[(name, "diff")] = Target(f"{mod_name}.{weight}")
+        if "bias" in own:
+            out[(name, "diff_b")] = Target(f"{mod_name}.bias")
+    if not kohya:
+        out |= {(p, "diff"): Target(p) for p in _params(model) if not p.endswith(".weight")}
+    return out
 
 
 # ---- text encoders ----
@@ -293,18 +273,8 @@ def encoder_targets(encoder: nn.Module, fmt: str) -> dict[str, Target]:
     return out
 
 
-def text_encoder_pieces(
-    tensors: dict[str, Tensor], metadata: dict[str, str], encoder: nn.Module, role: str, family: str, source: str
-) -> tuple[list[Piece], list[str]]:
-    """All pieces of a LoRA file for our text encoder `role` of a `family` pipeline; also its keys that
-    match no Linear of the encoder. Keys of the other parts are ignored."""
-    detect_format(list(tensors))  # refuses DoRA, full-weight differences, ...
-    pieces, unmatched = [], []
-    for prefix, (r, fmt) in text_encoder_prefixes(family).items():
-        stripped = {k[len(prefix):]: k for k in tensors if k.startswith(prefix)}
-        if r != role or not stripped:
-            continue
-        cfg = lora_config(metadata, prefix[:-1]) if fmt == "diffusers" else {}
-        p, u = module_pieces(tensors, stripped, encoder_targets(encoder, fmt), cfg, source)
-        pieces, unmatched = pieces + p, unmatched + u
-    return pieces, unmatched
+def encoder_delta_targets(encoder: nn.Module, fmt: str) -> dict[tuple[str, str], Target]:
+    """`delta_targets` for one of our text encoders: HF names, also without CLIP's `text_model.`."""
+    native = delta_targets("kohya" if fmt == "kohya" else "comfyui", encoder)
+    alias = "text_model_" if fmt == "kohya" else "text_model."
+    return native | {(name.removeprefix(alias), role): t for (name, role), t in native.items()}

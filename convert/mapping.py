@@ -31,8 +31,12 @@ class KeyMap:
     fused: list[tuple[str, str, int]] = field(default_factory=list)
     swap: list[str] = field(default_factory=list)  # regexes over *our* keys
 
-    def plan(self, keys) -> dict[str, list[str]]:
-        """{our key: [source keys]} (one source, or the ordered parts of a fused tensor)."""
+    def plan(self, keys, source: str | None = None) -> dict[str, list[str]]:
+        """{our key: [source keys]} (one source, or the ordered parts of a fused tensor).
+
+        keys: a Checkpoint or key names; errors name `source` (default: the Checkpoint's file).
+        """
+        source = source or getattr(keys, "source", "checkpoint")
         out: dict[str, list[str]] = {}
         parts: dict[str, dict[int, str]] = {}
         for k in keys:
@@ -46,10 +50,10 @@ class KeyMap:
                         out[re.sub(pat, rep, k)] = [k]
                         break
                 else:
-                    raise CheckpointError(f"unexpected key {k!r}: no rule maps it to this model's layout")
+                    raise CheckpointError(f"{source}: unexpected key {k!r}: no rule maps it to this model's layout")
         for ours, p in parts.items():
             if sorted(p) != list(range(len(p))) or len(p) < 2:
-                raise CheckpointError(f"incomplete fused tensor {ours!r}: found only {sorted(p.values())}")
+                raise CheckpointError(f"{source}: incomplete fused tensor {ours!r}: found only {sorted(p.values())}")
             out[ours] = [p[i] for i in range(len(p))]
         return out
 

@@ -14,7 +14,7 @@ import math
 
 from mmdit.sd3 import PRESETS, SD3Params
 
-from .files import Checkpoint, CheckpointError
+from .files import Checkpoint, CheckpointError, Config
 from .mapping import KeyMap
 
 NATIVE = "sai"
@@ -31,12 +31,12 @@ _W = r"(weight|bias)"
 
 def params_from_native(ckpt: Checkpoint) -> SD3Params:
     """The config implied by SAI keys and shapes (head dim: the qk-norm width, else SAI's 64)."""
-    shape = ckpt.shapes("SD3 checkpoint")
+    shape = ckpt.shapes(f"{ckpt.source} (SD3 checkpoint)")
     hidden, in_ch, patch, _ = shape["x_embedder.proj.weight"]
     n_pos = shape["pos_embed"][1]
     table = math.isqrt(n_pos)
     if table * table != n_pos:
-        raise CheckpointError(f"SD3 checkpoint: pos_embed has {n_pos} positions, not a square table")
+        raise CheckpointError(f"{shape.what}: pos_embed has {n_pos} positions, not a square table")
     qk_norm = "joint_blocks.0.x_block.attn.ln_q.weight" in shape
     head_dim = shape["joint_blocks.0.x_block.attn.ln_q.weight"][0] if qk_norm else 64
     attn2 = shape.block_indices(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight")  # MMDiT-X blocks
@@ -57,28 +57,32 @@ def params_from_native(ckpt: Checkpoint) -> SD3Params:
 
 
 def params_from_diffusers_config(cfg: dict) -> SD3Params:
-    """`SD3Transformer2DModel`'s config.json -> SD3Params (defaults: Diffusers' own)."""
-    heads, hd = cfg.get("num_attention_heads", 18), cfg.get("attention_head_dim", 64)
-    if cfg.get("qk_norm") not in (None, "rms_norm"):
-        raise CheckpointError(f"unsupported SD3 qk_norm {cfg['qk_norm']!r} (only 'rms_norm' or none)")
-    if cfg.get("caption_projection_dim", heads * hd) != heads * hd:
+    """`SD3Transformer2DModel`'s config.json -> SD3Params (defaults: Diffusers' own); a field of the wrong
+    type or an unsupported value is an error naming the file and the field."""
+    cfg = Config.of(cfg)
+    heads, hd = cfg.get_int("num_attention_heads", 18), cfg.get_int("attention_head_dim", 64)
+    qk_norm = cfg.get_str("qk_norm")
+    if qk_norm not in (None, "rms_norm"):
+        raise CheckpointError(f"{cfg.source}: field 'qk_norm' is {qk_norm!r}: only 'rms_norm' or none is supported")
+    caption = cfg.get_int("caption_projection_dim", heads * hd)
+    if caption != heads * hd:
         raise CheckpointError(
-            f"unsupported SD3 config: caption_projection_dim {cfg['caption_projection_dim']} differs from "
+            f"{cfg.source}: unsupported SD3 config: field 'caption_projection_dim' {caption} differs from "
             f"the hidden size {heads * hd}"
         )
-    in_ch = cfg.get("in_channels", 16)
+    in_ch = cfg.get_int("in_channels", 16)
     return SD3Params(
-        depth=cfg.get("num_layers", 18),
+        depth=cfg.get_int("num_layers", 18),
         hidden_size=heads * hd,
         num_heads=heads,
-        patch_size=cfg.get("patch_size", 2),
+        patch_size=cfg.get_int("patch_size", 2),
         in_channels=in_ch,
-        out_channels=cfg.get("out_channels") or in_ch,
-        pos_embed_max_size=cfg.get("pos_embed_max_size", 96),
-        adm_in_channels=cfg.get("pooled_projection_dim", 2048),
-        context_in_dim=cfg.get("joint_attention_dim", 4096),
-        qk_norm=cfg.get("qk_norm") is not None,
-        x_block_self_attn_layers=tuple(cfg.get("dual_attention_layers", ())),
+        out_channels=cfg.get_int("out_channels") or in_ch,
+        pos_embed_max_size=cfg.get_int("pos_embed_max_size", 96),
+        adm_in_channels=cfg.get_int("pooled_projection_dim", 2048),
+        context_in_dim=cfg.get_int("joint_attention_dim", 4096),
+        qk_norm=qk_norm is not None,
+        x_block_self_attn_layers=cfg.get_ints("dual_attention_layers", ()),
     )
 
 

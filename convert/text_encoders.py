@@ -24,7 +24,7 @@ import torch
 from mmdit.clip import ACTIVATIONS, CLIPConfig, CLIPTextEncoder
 from mmdit.t5 import T5Config, T5Encoder
 
-from .files import Checkpoint, CheckpointError, Shapes, load_state_dict_strict, read_config
+from .files import Checkpoint, CheckpointError, Config, Shapes, load_state_dict_strict, read_config
 from .mapping import KeyMap
 
 # layout -> a key every checkpoint of it has; what precedes it in a file is the encoder's prefix
@@ -94,7 +94,7 @@ def _open_clip_source(ckpt: Checkpoint, dtype: torch.dtype, device) -> tuple[dic
     """open_clip -> our keys: `in_proj` rows are q, k, v; `text_projection` is used as `x @ P` (Diffusers
     `loaders/single_file_utils.py` `convert_open_clip_checkpoint`)."""
     loaders, shapes = {}, {}
-    for ours, (src,) in OPEN_CLIP.plan([k for k in ckpt if not k.startswith(VISION)]).items():
+    for ours, (src,) in OPEN_CLIP.plan([k for k in ckpt if not k.startswith(VISION)], ckpt.source).items():
         if ours in IGNORED:
             continue
         shape = ckpt.shape(src)
@@ -114,27 +114,30 @@ def _open_clip_source(ckpt: Checkpoint, dtype: torch.dtype, device) -> tuple[dic
 
 def t5_config(shape: Shapes, config: dict | None, source: str) -> T5Config:
     """T5's config from the tensor shapes; config.json, when present, gives what shapes cannot (distance, eps)."""
-    config = config or {}
-    if config.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+    config = Config.of(config or {}, f"{source}/config.json")
+    ff = config.get_str("feed_forward_proj", "gated-gelu")
+    if ff != "gated-gelu":
         raise CheckpointError(
-            f"{source}: feed_forward_proj {config['feed_forward_proj']!r}: only T5 v1.1's gated-gelu is supported"
+            f"{config.source}: field 'feed_forward_proj' is {ff!r}: only T5 v1.1's gated-gelu is supported"
         )
     vocab, d_model = shape["shared.weight"]
     buckets, heads = shape["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     inner = shape["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
     return T5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=config.get("d_kv", inner // heads), num_heads=heads,
+        vocab_size=vocab, d_model=d_model, d_kv=config.get_int("d_kv", inner // heads), num_heads=heads,
         d_ff=shape["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
         num_layers=shape.count_blocks(r"encoder\.block\.(\d+)\."), num_buckets=buckets,
-        max_distance=config.get("relative_attention_max_distance", 128), eps=config.get("layer_norm_epsilon", 1e-6),
+        max_distance=config.get_int("relative_attention_max_distance", 128),
+        eps=config.get_float("layer_norm_epsilon", 1e-6),
     )
 
 
 def clip_config(shape: Shapes, config: dict | None, source: str) -> CLIPConfig:
     """CLIP's config from the tensor shapes; heads and activation from config.json, else from the width."""
     vocab, width = shape["text_model.embeddings.token_embedding.weight"]
+    config = Config.of(config, f"{source}/config.json")
     if config is not None:
-        act, heads = config.get("hidden_act", "quick_gelu"), config.get("num_attention_heads", width // 64)
+        act, heads = config.get_str("hidden_act", "quick_gelu"), config.get_int("num_attention_heads", width // 64)
     elif width in ACT_BY_WIDTH:
         act, heads = ACT_BY_WIDTH[width], width // 64
     else:
@@ -143,14 +146,17 @@ def clip_config(shape: Shapes, config: dict | None, source: str) -> CLIPConfig:
             f"for widths {sorted(ACT_BY_WIDTH)}"
         )
     if act not in ACTIVATIONS:
-        raise CheckpointError(f"{source}: unsupported CLIP activation {act!r}")
+        raise CheckpointError(f"{config.source if config else source}: unsupported CLIP activation {act!r}")
+    if width % heads:
+        raise CheckpointError(f"{config.source}: field 'num_attention_heads' {heads} does not divide the width {width}")
     proj = shape.get("text_projection.weight")
     return CLIPConfig(
         vocab_size=vocab, width=width, heads=heads, act=act,
         max_positions=shape["text_model.embeddings.position_embedding.weight"][0],
         layers=shape.count_blocks(r"text_model\.encoder\.layers\.(\d+)\."),
         mlp_dim=shape["text_model.encoder.layers.0.mlp.fc1.weight"][0],
-        projection_dim=proj[0] if proj else None, eps=config.get("layer_norm_eps", 1e-5) if config else 1e-5,
+        projection_dim=proj[0] if proj else None,
+        eps=config.get_float("layer_norm_eps", 1e-5) if config is not None else 1e-5,
     )
 
 
@@ -184,14 +190,25 @@ def load_text_encoder(
 
     dtype = dtype or ckpt.load_dtype()
     loaders, shapes = _source(ckpt, layout, dtype, device)
-    shapes = Shapes(shapes, source)
-    if layout == "t5":
-        cfg = t5_config(shapes, config, source)
-        what, build = "T5 encoder", T5Encoder
-    else:
-        cfg = clip_config(shapes, config, source)
-        what, build = "CLIP text encoder", CLIPTextEncoder
+    what, cfg = encoder_config(Shapes(shapes, source), layout, config, source)
     with torch.device("meta"):
-        model = build(cfg)
+        model = (T5Encoder if layout == "t5" else CLIPTextEncoder)(cfg)
     load_state_dict_strict(model, loaders, f"{what} ({cfg})", source)
     return model.eval().requires_grad_(False)
+
+
+def encoder_config(shapes: Shapes, layout: str, config: dict | None, source: str) -> tuple[str, T5Config | CLIPConfig]:
+    """What the encoder is ("T5 encoder" or "CLIP text encoder") and its config, from our keys' shapes."""
+    try:
+        if layout == "t5":
+            return "T5 encoder", t5_config(shapes, config, source)
+        return "CLIP text encoder", clip_config(shapes, config, source)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # the config dataclass's own checks
+        raise CheckpointError(f"{source}: its shapes and config give an invalid text encoder: {e}") from None
+
+
+def encoder_shapes(ckpt: Checkpoint, layout: str) -> dict[str, list]:
+    """{our key: shape} of a prefix-free view of one encoder (nothing is read)."""
+    return _source(ckpt, layout, torch.float32, "cpu")[1]

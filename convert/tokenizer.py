@@ -8,28 +8,43 @@ The length is `max_length`, else the folder's `model_max_length`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from mmdit.tokenizer import CLIP_EOS, CLIPTokenizer, T5Tokenizer
 
-from .files import read_config
+from .files import CheckpointError, Config, read_config
 
 
-def _config(folder: Path) -> dict:
-    """tokenizer_config.json over special_tokens_map.json (either may be absent)."""
-    return (read_config(folder / "special_tokens_map.json") or {}) | (read_config(folder / "tokenizer_config.json") or {})
+def _config(folder: Path) -> Config:
+    """tokenizer_config.json, else special_tokens_map.json for the fields it lacks (either may be absent);
+    errors name the file(s) read."""
+    found = [c for c in (read_config(folder / "tokenizer_config.json"), read_config(folder / "special_tokens_map.json"))
+             if c is not None]
+    merged: dict = {}
+    for c in reversed(found):
+        merged |= c
+    return Config(merged, " or ".join(c.source for c in found) or str(folder))
 
 
-def _content(token) -> str | None:
-    """A special token as written in the configs: a string or an AddedToken dict."""
-    return token.get("content") if isinstance(token, dict) else token
+def _pad_token(config: Config) -> str | None:
+    """The pad token as written in the configs: a string or an AddedToken object `{"content": ...}`."""
+    token = config.get("pad_token")
+    if isinstance(token, dict):
+        token = Config(token, f"{config.source}, field 'pad_token'").get_str("content")
+    elif token is not None and not isinstance(token, str):
+        raise CheckpointError(
+            f"{config.source}: field 'pad_token' is {token!r}, expected a string or an AddedToken object"
+        )
+    return token
 
 
-def _max_length(max_length: int | None, config: dict, folder: Path) -> int:
+def _max_length(max_length: int | None, config: Config, folder: Path) -> int:
     if max_length is not None:
         return max_length
-    n = config.get("model_max_length")
-    if not isinstance(n, int) or n > 100_000:  # transformers writes a huge sentinel when unset
+    huge = isinstance(config.get("model_max_length"), float) and config["model_max_length"] > 100_000
+    n = None if huge else config.get_int("model_max_length")
+    if n is None or n > 100_000:  # transformers writes a huge sentinel (1e30) when unset
         raise ValueError(f"{folder}: no model_max_length in its config: pass max_length")
     return n
 
@@ -48,20 +63,32 @@ def load_tokenizer(path, max_length: int | None = None) -> CLIPTokenizer | T5Tok
         raise FileNotFoundError(f"{path}: no such file or folder")
     config = _config(folder)
     if path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        pad = _content(config.get("pad_token")) or CLIP_EOS
-        return CLIPTokenizer.from_files(
-            path / "vocab.json", path / "merges.txt", pad="eos" if pad == CLIP_EOS else pad,
-            max_length=_max_length(max_length, config, folder),
-        )
+        pad = _pad_token(config) or CLIP_EOS
+        length = _max_length(max_length, config, folder)
+        with _naming(path / "vocab.json", path / "merges.txt"):
+            return CLIPTokenizer.from_files(
+                path / "vocab.json", path / "merges.txt", pad="eos" if pad == CLIP_EOS else pad, max_length=length
+            )
     for f in files:
         if f.is_file() and (f.suffix == ".model" or _is_unigram(f)):
-            return T5Tokenizer.from_file(f, _max_length(max_length, config, folder))
+            length = _max_length(max_length, config, folder)
+            with _naming(f):
+                return T5Tokenizer.from_file(f, length)
     raise ValueError(
         f"{path}: not a tokenizer this project reads: expected vocab.json + merges.txt (CLIP) "
         "or spiece.model / a unigram tokenizer.json (T5)"
     )
 
 
+@contextmanager
+def _naming(*files: Path):
+    """What the tokenizer libraries raise about a broken vocabulary file (JSON, BPE, sentencepiece), naming it."""
+    try:
+        yield
+    except Exception as e:  # json, tokenizers and sentencepiece errors alike
+        raise CheckpointError(f"{' / '.join(map(str, files))}: cannot be read as a tokenizer ({e})") from None
+
+
 def _is_unigram(f: Path) -> bool:
     """A `tokenizer.json` of a unigram model (T5's)."""
-    return f.suffix == ".json" and read_config(f).get("model", {}).get("type") == "Unigram"
+    return f.suffix == ".json" and read_config(f).get_dict("model").get("type") == "Unigram"

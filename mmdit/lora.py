@@ -11,6 +11,14 @@ Switching adapters on and off (TACA uses its LoRA in the first steps only) write
 read at forward time: no module changes, no recompilation under `torch.compile`. A disabled adapter
 still runs its two small matmuls, multiplied by zero; `merge_lora` folds the enabled ones into the
 weights for speed, and `unmerge_lora` subtracts them again (exact up to the weight dtype's rounding).
+
+An adapter may also carry full-weight deltas (`WeightDelta`): `p' = p + strength * D` on any parameter,
+a Linear's weight or bias, a norm's scale, a conv kernel (LoRA files call them `.diff` and `.diff_b`).
+No forward can add them for every kind of module, so they live in the weights: the parameter's value
+without deltas is kept (`ParamDeltas.base`, beside the module as `<module>.lora_deltas.<param>`,
+buffers outside the state dict) and the parameter is rewritten as `base + sum_i scale_i * D_i` whenever
+a strength or switch changes. Switching them off therefore gives `base` back bit for bit, the model's
+keys never change, and `merge_lora` / `unmerge_lora` leave them as they are (they are always merged).
 """
 
 from __future__ import annotations
@@ -116,6 +124,47 @@ class LoRALinear(nn.Linear):
         return y
 
 
+class WeightDelta(nn.Module):
+    """One adapter's full-weight delta on rows `[offset, offset + len(D))` of one parameter: `p += scale * D`."""
+
+    def __init__(self, delta: Tensor, offset: int = 0):
+        super().__init__()
+        self.offset = offset
+        self.register_buffer("delta", delta, persistent=False)  # D: the parameter's shape, or a row slice of it
+        self.strength, self.enabled = 1.0, True
+
+    @property
+    def scale(self) -> float:
+        return self.strength * self.enabled
+
+    def extra_repr(self) -> str:
+        return f"shape={list(self.delta.shape)}, offset={self.offset}"
+
+
+class ParamDeltas(nn.Module):
+    """The deltas on one parameter: it holds `base + sum_i scale_i * D_i`, computed in float32 from `base`."""
+
+    def __init__(self, param: Tensor):
+        super().__init__()
+        self.register_buffer("base", param.detach().clone(), persistent=False)  # the value without deltas
+        self.deltas = nn.ModuleDict()  # adapter name -> WeightDelta
+        self.written: tuple | None = None  # the scales last written into the parameter
+
+    @torch.no_grad()
+    def write(self, param: Tensor) -> None:
+        """Rewrite `param` from `base` if a scale changed since the last write."""
+        scales = tuple((n, d.scale) for n, d in self.deltas.items())
+        if scales == self.written:
+            return
+        w = self.base.to(torch.float32, copy=True)
+        for d in self.deltas.values():
+            if d.scale:
+                rows = w if d.delta.dim() == 0 else w[d.offset : d.offset + d.delta.shape[0]]
+                rows += d.scale * d.delta.float()
+        param.copy_(w.to(param.dtype))
+        self.written = scales
+
+
 # ---- model-level helpers ----
 
 
@@ -131,15 +180,79 @@ def adapters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, s
                 yield mod_name, n, a
 
 
+def param_deltas(model: nn.Module) -> Iterator[tuple[nn.Module, str, ParamDeltas]]:
+    """(owning module, parameter name, its ParamDeltas) for every parameter with full-weight deltas."""
+    for owner in model.modules():
+        table = owner._modules.get("lora_deltas")
+        if table is not None:
+            for pname, record in table.items():
+                yield owner, pname, record
+
+
+def weight_deltas(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, WeightDelta]]:
+    """(adapter name, delta) for every full-weight delta (of adapter `name`, if given)."""
+    for _, _, record in param_deltas(model):
+        for n, d in record.deltas.items():
+            if name is None or n == name:
+                yield n, d
+
+
 def adapter_names(model: nn.Module) -> list[str]:
-    return sorted({n for _, n, _ in adapters(model)})
+    return sorted({n for _, n, _ in adapters(model)} | {n for n, _ in weight_deltas(model)})
 
 
-def _require(model: nn.Module, name: str) -> list[LoRA]:
-    found = [a for _, _, a in adapters(model, name)]
+def _require(model: nn.Module, name: str) -> list[LoRA | WeightDelta]:
+    found = [a for _, _, a in adapters(model, name)] + [d for _, d in weight_deltas(model, name)]
     if not found:
         raise KeyError(f"no LoRA adapter {name!r} in the model (adapters: {adapter_names(model) or 'none'})")
     return found
+
+
+def _refresh(model: nn.Module, parts: Iterable[LoRA | WeightDelta]) -> None:
+    """Make new strengths and switches take effect: LoRA scale buffers, then the weights that carry deltas."""
+    for a in parts:
+        if isinstance(a, LoRA):
+            a.refresh()
+    for owner, pname, record in param_deltas(model):
+        record.write(getattr(owner, pname))
+
+
+def add_weight_delta(model: nn.Module, param: str, name: str, delta: Tensor, offset: int = 0) -> WeightDelta:
+    """Add `delta` to rows `[offset, offset + len(delta))` of parameter `param` (e.g. `...query_norm.scale`)
+    as part of adapter `name`, and write it into the weight (strength 1; `set_lora_scale` changes it).
+
+    delta: the parameter's shape, or a slice of its rows (dim 0); stored in the parameter's dtype and device.
+    ValueError if the shapes do not fit or the adapter already has a delta there.
+    """
+    owner_name, _, pname = param.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    p = getattr(owner, pname, None)
+    if not isinstance(p, nn.Parameter):
+        raise ValueError(f"{param} is not a parameter of the model")
+    fits = delta.shape == p.shape if p.dim() == 0 or delta.dim() == 0 else (
+        delta.shape[1:] == p.shape[1:] and 0 <= offset and offset + delta.shape[0] <= p.shape[0])
+    if not fits:
+        raise ValueError(f"a delta of shape {list(delta.shape)} at row {offset} does not fit {param} {list(p.shape)}")
+    if "lora_deltas" not in owner._modules:
+        owner.add_module("lora_deltas", nn.ModuleDict())
+    if pname not in owner.lora_deltas:
+        owner.lora_deltas[pname] = ParamDeltas(p)
+    record = owner.lora_deltas[pname]
+    if name in record.deltas:
+        raise ValueError(f"adapter {name!r} already has a delta on {param}")
+    d = record.deltas[name] = WeightDelta(delta.detach().to(device=p.device, dtype=p.dtype), offset)
+    record.write(p)
+    return d
+
+
+def _add_to_weight(module: nn.Module, pname: str, offset: int, value: Tensor) -> None:
+    """`p[offset : offset + len(value)] += value` (float32 math), kept in `base` too when `p` carries deltas."""
+    records = module._modules.get("lora_deltas")
+    p = getattr(module, pname)
+    targets = [p] + ([records[pname].base] if records is not None and pname in records else [])
+    for t in targets:
+        rows = t[offset : offset + value.shape[0]]
+        rows.copy_((rows.float() + value).to(t.dtype))
 
 
 def wrap_linear(model: nn.Module, module_name: str) -> LoRALinear:
@@ -210,10 +323,11 @@ def inject_lora(
 
 
 def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
-    """The user strength of adapter `name` (the update is `scale * alpha / rank * B A`)."""
-    for a in _require(model, name):
+    """The user strength of adapter `name` (the update is `scale * alpha / rank * B A`, `scale * D` for deltas)."""
+    parts = _require(model, name)
+    for a in parts:
         a.strength = float(scale)
-        a.refresh()
+    _refresh(model, parts)
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool | Iterable[str]) -> None:
@@ -223,51 +337,60 @@ def set_lora_enabled(model: nn.Module, enabled: bool | Iterable[str]) -> None:
         missing = set(enabled) - set(adapter_names(model))
         if missing:
             raise KeyError(f"no LoRA adapter(s) {sorted(missing)} in the model (adapters: {adapter_names(model)})")
-    for _, n, a in adapters(model):
+    parts = [(n, a) for _, n, a in adapters(model)] + list(weight_deltas(model))
+    for n, a in parts:
         a.enabled = on(n)
-        a.refresh()
+    _refresh(model, [a for _, a in parts])
 
 
 @contextmanager
 def lora_enabled(model: nn.Module, enabled: bool | Iterable[str]):
     """`with lora_enabled(model, False): ...` runs the base model; the previous states come back after."""
-    before = [(a, a.enabled) for _, _, a in adapters(model)]
+    before = [(a, a.enabled) for _, _, a in adapters(model)] + [(d, d.enabled) for _, d in weight_deltas(model)]
     set_lora_enabled(model, enabled)
     try:
         yield model
     finally:
         for a, e in before:
             a.enabled = e
-            a.refresh()
+        _refresh(model, [a for a, _ in before])
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, name: str | None = None) -> None:
-    """Fold the enabled adapters (or only `name`) into the base weights at their current scale."""
+    """Fold the enabled adapters (or only `name`) into the base weights at their current scale.
+    Full-weight deltas are in the weights already: they are left as they are."""
     for mod_name, _, a in adapters(model, name):
         if a.merged is None and a.enabled:
-            w = model.get_submodule(mod_name).weight
-            rows = w[a.offset : a.offset + a.length]
-            rows.copy_((rows.float() + a.delta_weight()).to(w.dtype))
+            _add_to_weight(model.get_submodule(mod_name), "weight", a.offset, a.delta_weight())
             a.merged = a.scale.item()
 
 
 @torch.no_grad()
 def unmerge_lora(model: nn.Module, name: str | None = None) -> None:
-    """Subtract what `merge_lora` added; the adapters run unmerged again."""
+    """Subtract what `merge_lora` added; the adapters run unmerged again (deltas stay in the weights)."""
     for mod_name, _, a in adapters(model, name):
         if a.merged is not None:
-            w = model.get_submodule(mod_name).weight
-            rows = w[a.offset : a.offset + a.length]
-            rows.copy_((rows.float() - a.merged * (a.lora_B.float() @ a.lora_A.float())).to(w.dtype))
+            delta = a.merged * (a.lora_B.float() @ a.lora_A.float())
+            _add_to_weight(model.get_submodule(mod_name), "weight", a.offset, -delta)
             a.merged = None
 
 
+@torch.no_grad()
 def remove_lora(model: nn.Module, name: str) -> None:
-    """Delete adapter `name` (unmerged first if it was merged)."""
+    """Delete adapter `name` (unmerged first if it was merged); the parameters it had deltas on get their
+    value without them back."""
     unmerge_lora(model, name)
     for mod_name, _, _ in list(adapters(model, name)):
         del model.get_submodule(mod_name).lora[name]
+    for owner, pname, record in list(param_deltas(model)):
+        if name in record.deltas:
+            del record.deltas[name]
+            record.write(getattr(owner, pname))
+            if not len(record.deltas):
+                del owner.lora_deltas[pname]
+                if not len(owner.lora_deltas):
+                    del owner.lora_deltas
 
 
 def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
@@ -277,8 +400,10 @@ def lora_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parame
 
 def lora_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
     """Adapter `name` as `<module>.lora_A.weight`, `.lora_B.weight` (B zero-padded to all output rows
-    of the module, so a row-slice adapter needs no offset) and `.alpha`: the BFL/ComfyUI LoRA layout
-    without its `diffusion_model.` prefix, which `convert.load_lora` reads back."""
+    of the module, so a row-slice adapter needs no offset) and `.alpha`, and its full-weight deltas as
+    `<module>.diff` (a weight), `<module>.diff_b` (a bias), `<parameter>.diff` (others; zero-padded to
+    the whole parameter): the BFL/ComfyUI LoRA layout without its `diffusion_model.` prefix, which
+    `convert.load_lora` reads back."""
     _require(model, name)
     out = {}
     for mod_name, _, a in adapters(model, name):
@@ -286,4 +411,13 @@ def lora_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
         out[f"{mod_name}.lora_A.weight"] = a.lora_A.detach()
         out[f"{mod_name}.lora_B.weight"] = F.pad(a.lora_B.detach(), (0, 0, a.offset, out_features - a.offset - a.length))
         out[f"{mod_name}.alpha"] = torch.tensor(a.alpha)
+    owners = {id(m): n for n, m in model.named_modules()}
+    for owner, pname, record in param_deltas(model):
+        if name in record.deltas:
+            d, p = record.deltas[name], getattr(owner, pname)
+            full = torch.zeros_like(p)
+            (full if d.delta.dim() == 0 else full[d.offset : d.offset + d.delta.shape[0]]).copy_(d.delta)
+            mod = owners[id(owner)]
+            key = {"weight": f"{mod}.diff", "bias": f"{mod}.diff_b"}.get(pname, f"{mod}.{pname}.diff")
+            out[key.removeprefix(".")] = full.detach()
     return out

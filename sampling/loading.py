@@ -23,7 +23,6 @@ The tiny model shipped in assets/tiny-flux is such a folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from convert import load_autoencoder, load_text_encoder, load_tokenizer, load_transformer
-from convert.files import CheckpointError
+from convert.files import CheckpointError, read_config
 from mmdit.pixel_codec import is_pixel_codec, load_pixel_codec
 from mmdit.tokenizer import CLIPTokenizer
 
@@ -74,8 +73,7 @@ def _missing(name: str, source: Path) -> CheckpointError:
 
 def _folder_length(folder: Path) -> int | None:
     """A tokenizer folder's own `model_max_length`, if it sets a sane one."""
-    config = folder / "tokenizer_config.json"
-    n = json.loads(config.read_text()).get("model_max_length") if folder.is_dir() and config.is_file() else None
+    n = (read_config(folder / "tokenizer_config.json") or {}).get("model_max_length") if folder.is_dir() else None
     return n if isinstance(n, int) and n <= 100_000 else None
 
 

@@ -7,7 +7,6 @@ file; sampling/hub.py uses the same tables to download only those files.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from convert.families import FAMILIES
 from convert.files import AUTOENCODER_PREFIXES as AE_PREFIXES
 from convert.files import BUNDLED_ENCODERS as BUNDLED
-from convert.files import Checkpoint
+from convert.files import Checkpoint, read_config
 
 # role -> (encoder folder, tokenizer folder) in a Diffusers repo (`text_encoder_2/` beside `tokenizer_2/`)
 DIFFUSERS_DIRS = {
@@ -39,8 +38,7 @@ class Part:
 
 def model_index(source: Path) -> dict:
     """The folder's model_index.json ({} when there is none)."""
-    index = source / "model_index.json"
-    return json.loads(index.read_text()) if source.is_dir() and index.is_file() else {}
+    return (read_config(source / "model_index.json") or {}) if source.is_dir() else {}
 
 
 def absent_on_purpose(source: Path) -> set[str]:
