@@ -16,6 +16,7 @@ colored shapes, shown 8x enlarged), offline. Steps, guidance and size default to
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import random
@@ -211,6 +212,9 @@ def check_flags(args: argparse.Namespace) -> None:
     unused |= {flag: args.slg is None for flag in ("--slg-scale", "--slg-start", "--slg-stop")}
     needs = {"--taca-until": "--taca", "--lora-scale": "--lora", "--slg-scale": "--slg", "--slg-start": "--slg",
              "--slg-stop": "--slg"}
+    if args.offload_encoders and args.offload not in (None, "encoders"):
+        warn(args, f"--offload-encoders does nothing with --offload {args.offload}: ignored")
+        args.offload_encoders = False
     for flag, idle in unused.items():
         attr = flag[2:].replace("-", "_")
         if idle and getattr(args, attr) is not None:
@@ -328,11 +332,14 @@ def png_text(args: argparse.Namespace, pipe: Pipeline, settings: dict) -> dict[s
 
 
 def write_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
-    """The PNG with `text` as its text chunks, written atomically (through, to a FIFO or a device)."""
+    """The PNG with `text` as its text chunks, written atomically (through, to a FIFO or a device: encoded
+    in memory first, as PIL's PNG writer seeks)."""
     png = PngInfo()
     for k, v in text.items():
         png.add_text(k, v)
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png))
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG", pnginfo=png)
+    write_atomic(path, lambda name: Path(name).write_bytes(encoded.getvalue()))
 
 
 def sample(args: argparse.Namespace) -> int:
