@@ -11,6 +11,12 @@ and `generate`'s keyword arguments in one place (`load_run`):
 Without --model both use the tiny model shipped with the repo (assets/tiny-flux: 32x32 scenes of
 colored shapes, shown 8x enlarged), offline. Steps, guidance and size default to the model's own
 (`sampling.pipeline.DEFAULTS`). The `mmdit` command (cli.py at the repository's top) adds `mmdit train`.
+
+Nothing runs on a value that cannot work: each flag is checked at parse time (finite, in range:
+sampling/limits.py), flags against each other and the output path before the model is loaded
+(`check_flags`, `check_output`), the size against the model before its weights are read. A flag that
+would do nothing on the model (`--guidance` on a model without guidance, `--negative` without true CFG on
+FLUX, ...) is a warning and is neither applied nor written to the output.
 """
 
 from __future__ import annotations
@@ -45,9 +51,11 @@ from .taca import TacaSchedule
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 USER_ERRORS = (OSError, ValueError, RuntimeError)  # bad paths, files, settings, hub answers: one line, no traceback
 # `generate`'s guidance arguments and their flags (a flag that does nothing on the model is neither applied nor recorded)
-GUIDANCE_FLAGS = {"guidance": ("--guidance", "guidance"), "negative_prompt": ("--negative", "negative"),
-                  "true_cfg": ("--true-cfg", "true_cfg")}  # argument: (flag, attribute)
+GUIDANCE_FLAGS = {"guidance": "--guidance", "negative_prompt": "--negative", "true_cfg": "--true-cfg"}
 UNSET = {"guidance": None, "negative_prompt": None, "true_cfg": 1.0}  # what generate takes as "not given"
+# the values of flags left unset (None, so that a flag given can be told from its default): generate's and TacaSchedule's
+FLAG_DEFAULTS = {"true_cfg": 1.0, "taca_until": TacaSchedule.until, "lora_scale": 1.0, "slg_scale": 2.8,
+                 "slg_start": 0.01, "slg_stop": 0.2}
 EPILOG = ("Every value is checked before any work: a bad one is one line on stderr and exit status 2; a flag that would "
           "do nothing on the model is a warning, and is neither applied nor written to the output. Exit status 1: "
           "the run produced NaN or Inf (the message names the step).")
@@ -137,25 +145,29 @@ def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
     p.add_argument("--steps", type=integer(1, MAX_STEPS), help=f"sampling steps, 1 to {MAX_STEPS} (default: the model's)")
     p.add_argument("--guidance", type=number(0), help="FLUX-dev: distilled guidance; SD3: CFG scale (default: the model's)")
     p.add_argument("--negative", help="negative prompt for SD3's CFG, or FLUX's with --true-cfg (default: none; SD3 uses \"\")")
-    p.add_argument("--true-cfg", type=number(1), help="FLUX: true CFG scale with --negative (default 1: off)")
+    p.add_argument("--true-cfg", type=number(1),
+                   help=f"FLUX: true CFG scale with --negative (default {FLAG_DEFAULTS['true_cfg']:g}: off)")
     p.add_argument("--slg", type=integer(0), nargs="+", metavar="LAYER",
                    help="SD3: skip-layer guidance, skipping these joint blocks (SD3.5 Medium: 7 8 9); needs CFG (default off)")
-    p.add_argument("--slg-scale", type=number(0), help="skip-layer guidance scale (default 2.8)")
+    p.add_argument("--slg-scale", type=number(0),
+                   help=f"skip-layer guidance scale (default {FLAG_DEFAULTS['slg_scale']})")
     p.add_argument("--slg-start", type=number(0, 1),
-                   help="SLG applies in step i of N when N * start < i < N * stop (default 0.01)")
-    p.add_argument("--slg-stop", type=number(0, 1), help="see --slg-start (default 0.2)")
+                   help="SLG applies in step i of N when N * start < i < N * stop "
+                        f"(default {FLAG_DEFAULTS['slg_start']})")
+    p.add_argument("--slg-stop", type=number(0, 1), help=f"see --slg-start (default {FLAG_DEFAULTS['slg_stop']})")
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=seed,
                    help="0 to 2**64 - 1 (default: a random seed, written to the PNG)" if seed is None
                    else f"0 to 2**64 - 1 (default {seed})")
     p.add_argument("--taca", type=number(0, above=True), metavar="GAMMA",
                    help="TACA: image-to-text logits x GAMMA, above 0 (paper: 1.2; default off)")
     p.add_argument("--taca-until", type=number(0, 1), metavar="T",
-                   help="with --taca: TACA is on while the noise level t >= T, 0 to 1 (default 0.97, the paper's; "
-                        "0: every step)")
+                   help="with --taca: TACA is on while the noise level t >= T, 0 to 1 "
+                        f"(default {FLAG_DEFAULTS['taca_until']}, the paper's; 0: every step)")
     p.add_argument("--lora", type=Path, action="append", default=[], metavar="FILE",
                    help="a LoRA to apply, text-encoder weights included (repeatable; default none); with --taca "
                         "the transformer part is on only in the TACA steps")
-    p.add_argument("--lora-scale", type=number(), help="strength of every --lora (default 1.0)")
+    p.add_argument("--lora-scale", type=number(),
+                   help=f"strength of every --lora (default {FLAG_DEFAULTS['lora_scale']})")
     p.add_argument("--size", type=parse_size, metavar="WxH",
                    help=f"multiples of 16, at most {MAX_SIDE} and what the model allows (SD3: its position table) "
                         "(default: the model's, 1024x1024; the tiny model 32x32)")
@@ -196,6 +208,16 @@ def add_probe(sub) -> None:
 # ---- checks that need more than one flag, or the file system: before any work ----
 
 
+# flags that mean something only beside another
+NEEDS = {"--taca-until": "--taca", "--lora-scale": "--lora", "--slg-scale": "--slg", "--slg-start": "--slg",
+         "--slg-stop": "--slg"}
+
+
+def dest(flag: str) -> str:
+    """The attribute argparse stores a flag in: --taca-until -> taca_until."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
 def warn(args: argparse.Namespace, message: str) -> None:
     print(f"mmdit {args.command}: warning: {message}", file=sys.stderr)
 
@@ -204,22 +226,15 @@ def check_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other are an error; flags that would do nothing are a warning (and unset)."""
     if args.slg_start is not None and args.slg_stop is not None and args.slg_start >= args.slg_stop:
         raise ValueError(f"--slg-start {args.slg_start} must be below --slg-stop {args.slg_stop}")
-    if args.size is not None and getattr(args, "upscale", None) is not None:
-        check_upscale(*args.size, args.upscale)
-    elif getattr(args, "upscale", None) is not None:
-        check_upscale(16, 16, args.upscale)  # the smallest image: a bound for any size
-    unused = {"--taca-until": args.taca is None, "--lora-scale": not args.lora}
-    unused |= {flag: args.slg is None for flag in ("--slg-scale", "--slg-start", "--slg-stop")}
-    needs = {"--taca-until": "--taca", "--lora-scale": "--lora", "--slg-scale": "--slg", "--slg-start": "--slg",
-             "--slg-stop": "--slg"}
+    if getattr(args, "upscale", None) is not None:  # mmdit sample; without --size, the smallest image bounds it
+        check_upscale(*(args.size or (16, 16)), args.upscale)
     if args.offload_encoders and args.offload not in (None, "encoders"):
         warn(args, f"--offload-encoders does nothing with --offload {args.offload}: ignored")
         args.offload_encoders = False
-    for flag, idle in unused.items():
-        attr = flag[2:].replace("-", "_")
-        if idle and getattr(args, attr) is not None:
-            warn(args, f"{flag} does nothing without {needs[flag]}: ignored")
-            setattr(args, attr, None)
+    for flag, other in NEEDS.items():
+        if getattr(args, dest(flag)) is not None and not getattr(args, dest(other)):
+            warn(args, f"{flag} does nothing without {other}: ignored")
+            setattr(args, dest(flag), None)
 
 
 def check_upscale(width: int, height: int, upscale: int) -> None:
@@ -250,12 +265,12 @@ def check_output(path: Path, suffix: str, through: bool) -> Path:
         blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
         raise NotADirectoryError(f"{path}: {blocker} is not a folder") from None
     except OSError as e:
-        raise OSError(e.errno, f"cannot create the folder {folder}: {e.strerror}") from None
+        raise type(e)(f"{path}: cannot create the folder {folder}: {e.strerror}") from None
     probe = folder / f".{target.name}.{os.urandom(6).hex()}.check"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as e:
-        raise OSError(e.errno, f"{path}: cannot write a file in {folder}: {e.strerror}") from None
+        raise type(e)(f"{path}: cannot write a file in {folder}: {e.strerror}") from None
     probe.unlink()
     return path
 
@@ -277,24 +292,25 @@ def load_run(args: argparse.Namespace) -> tuple[Pipeline, dict]:
     if hasattr(args, "upscale"):  # mmdit sample
         args.upscale = pipe.defaults.upscale if args.upscale is None else args.upscale
         check_upscale(width, height, args.upscale)
+    value = {name: default if getattr(args, name) is None else getattr(args, name)
+             for name, default in FLAG_DEFAULTS.items()}
     for file in args.lora:
-        load_pipeline_lora(pipe, file, scale=1.0 if args.lora_scale is None else args.lora_scale)
+        load_pipeline_lora(pipe, file, scale=value["lora_scale"])
     steps = pipe.defaults.steps if args.steps is None else args.steps
     settings = dict(
         height=height, width=width, steps=steps,
         guidance=pipe.defaults.guidance if args.guidance is None else args.guidance,
         seed=random.randrange(2**32) if args.seed is None else args.seed,
-        negative_prompt=args.negative, true_cfg=1.0 if args.true_cfg is None else args.true_cfg,
-        temperature=None if args.taca is None else TacaSchedule(args.taca, 0.97 if args.taca_until is None else args.taca_until),
-        skip_guidance_layers=args.slg,
-        skip_layer_guidance_scale=2.8 if args.slg_scale is None else args.slg_scale,
-        skip_layer_guidance_start=0.01 if args.slg_start is None else args.slg_start,
-        skip_layer_guidance_stop=0.2 if args.slg_stop is None else args.slg_stop,
+        negative_prompt=args.negative, true_cfg=value["true_cfg"],
+        temperature=None if args.taca is None else TacaSchedule(args.taca, value["taca_until"]),
+        skip_guidance_layers=args.slg, skip_layer_guidance_scale=value["slg_scale"],
+        skip_layer_guidance_start=value["slg_start"], skip_layer_guidance_stop=value["slg_stop"],
     )
     for name, why in pipe.inert(settings["guidance"], settings["negative_prompt"], settings["true_cfg"]).items():
-        flag, given = GUIDANCE_FLAGS[name]
-        if getattr(args, given) is not None:  # else the model's default guidance, which it does not take: silently
-            warn(args, f"{flag} {getattr(args, given)!r} does nothing on {pipe.variant}: {why}; not applied, not recorded")
+        flag = GUIDANCE_FLAGS[name]
+        if getattr(args, dest(flag)) is not None:  # else the model's default guidance, which it does not take: silently
+            warn(args, f"{flag} {getattr(args, dest(flag))!r} does nothing on {pipe.variant}: {why}; "
+                       "not applied, not recorded")
         settings[name] = UNSET[name]
     if args.slg is not None and pipe.family == "sd3":
         f = pipe.autoencoder.params.downscale
@@ -326,7 +342,7 @@ def png_text(args: argparse.Namespace, pipe: Pipeline, settings: dict) -> dict[s
         text["slg"] = (f"layers {layers} scale={settings['skip_layer_guidance_scale']} "
                        f"start={settings['skip_layer_guidance_start']} stop={settings['skip_layer_guidance_stop']}")
     if args.lora:
-        scale = 1.0 if args.lora_scale is None else args.lora_scale
+        scale = FLAG_DEFAULTS["lora_scale"] if args.lora_scale is None else args.lora_scale
         text["lora"] = ", ".join(f"{f.name} x{scale}" for f in args.lora)
     return {k: str(v) for k, v in text.items()}
 

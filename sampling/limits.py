@@ -29,6 +29,18 @@ MAX_PNG_PIXELS = 89_478_485
 MULTIPLE = 16  # sides are multiples of 16: the autoencoder's 8x, then 2x2 patches
 
 
+def check_finite(**values: float | None) -> None:
+    """Refuse NaN and Inf among the named numbers (None: not given)."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def check_seed(seed: int | None) -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must lie in 0..2**64 - 1 (torch.Generator.manual_seed), got {seed}")
+
+
 class SizeError(ValueError):
     """An image size the model or the memory cannot take; the message gives the size and the bound."""
 

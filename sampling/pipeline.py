@@ -16,6 +16,9 @@ what the transformer receives about a prompt (`encode_prompt`), which noise leve
   (`skip_guidance_layers`). SAI sd3.5 `sd3_infer.py` `get_cond`; Diffusers
   `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`.
 Deviation from Diffusers: latents are kept in float32 between steps whatever the model's dtype.
+`generate` checks its arguments before any work (sizes against the model and the memory:
+sampling/limits.py), warns of guidance arguments that would do nothing on the model (`inert`), and
+raises NonFiniteError where NaN or Inf appear (encoding, sampling, decoding) instead of returning them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 
 from mmdit.sd3 import skipped_blocks
 
-from .limits import MAX_SEED, check_memory, check_size, largest_activation
+from .limits import check_finite, check_memory, check_seed, check_size, largest_activation
 from .offload import EVERY_PART, borrowed, check_offload, pin, streamed
 from .sampler import Conditioning, Guidance, NonFiniteError, SkipLayerGuidance, all_finite, denoise, slg_window
 from .schedules import SD3_SHIFT, flux_mu, flux_sigmas, given_sigmas, sd3_sigmas
@@ -149,6 +152,13 @@ class Pipeline:
             out = enc(ids, **kwargs)
         return out, ids
 
+    def _check_memory(self, height: int, width: int, batch: int, tiled: bool) -> None:
+        """Refuse a size whose largest activation alone exceeds the device's free memory (sampling/limits.py)."""
+        itemsize = next(self.transformer.parameters()).element_size()
+        need = largest_activation(height, width, batch, self.transformer.params, self.autoencoder.params, itemsize,
+                                  self.autoencoder.dtype.itemsize, tiled)
+        check_memory(need, self.device, height, width)
+
     # ---- what a family says ----
 
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
@@ -232,15 +242,12 @@ class Pipeline:
         check_size(height, width, self.transformer.params, ae.params.downscale)
         if skip_guidance_layers is not None and self.family != "sd3":
             raise ValueError(f"skip-layer guidance (skip_guidance_layers, --slg) is SD3-only; this is a {self.family} model")
-        numbers = dict(guidance=guidance, true_cfg=true_cfg, skip_layer_guidance_scale=skip_layer_guidance_scale,
-                       skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
-        for name, value in numbers.items():
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
-        if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must lie in 0..2**64 - 1 (torch.Generator.manual_seed), got {seed}")
+        check_finite(guidance=guidance, true_cfg=true_cfg, skip_layer_guidance_scale=skip_layer_guidance_scale,
+                     skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
+        check_seed(seed)
         if sigmas is not None and noise_levels is not None:
-            raise ValueError("give sigmas (shifted by the model's schedule, as Diffusers) or noise_levels (as they are), not both")
+            raise ValueError("give sigmas (shifted by the model's schedule, as Diffusers) or noise_levels (as they are), "
+                             "not both")
         for name, why in self.inert(guidance, negative_prompt, true_cfg).items():
             warnings.warn(f"{name} does nothing here: {why}", stacklevel=3)
         steps = self.defaults.steps if steps is None else steps
@@ -264,9 +271,7 @@ class Pipeline:
             if not slg.at:
                 warnings.warn(f"skip_guidance_layers does nothing here: no step of {len(levels) - 1} is in its window",
                               stacklevel=3)
-        itemsize = next(self.transformer.parameters()).element_size()
-        check_memory(largest_activation(height, width, len(prompts), self.transformer.params, ae.params, itemsize,
-                                        ae.dtype.itemsize, tiled=decode_tile is not None), self.device, height, width)
+        self._check_memory(height, width, len(prompts), tiled=decode_tile is not None)
 
         cond = Conditioning(*self.encode_prompt(prompts))
         guide = replace(self.guidance_for(prompts, guidance, negative_prompt, true_cfg), slg=slg)

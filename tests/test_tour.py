@@ -33,19 +33,22 @@ def interactive_syntax_errors(code_text: str) -> list[int]:
     """The lines (0-based) where pasting `code_text` line by line into an interactive `python` prompt
     stops with a SyntaxError: an indented block not closed by a blank line before the next statement,
     or a blank line inside one. The prompt's own reader (`code.InteractiveConsole.push`), compiling only."""
-    errors: list[int] = []
-
     class Paste(code.InteractiveConsole):
+        def __init__(self):
+            super().__init__()
+            self.line, self.errors = 0, []
+
         def runcode(self, _compiled):  # compile, never run
             pass
 
         def showsyntaxerror(self, filename=None, **kwargs):
-            errors.append(line)
+            self.errors.append(self.line)
 
     prompt = Paste()
-    for line, text in enumerate([*code_text.split("\n"), ""]):
+    for i, text in enumerate([*code_text.split("\n"), ""]):
+        prompt.line = i
         prompt.push(text)
-    return errors
+    return prompt.errors
 
 
 def test_interactive_check_finds_an_unclosed_block():
