@@ -227,7 +227,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.slg_start is not None and args.slg_stop is not None and args.slg_start >= args.slg_stop:
         raise ValueError(f"--slg-start {args.slg_start} must be below --slg-stop {args.slg_stop}")
     if getattr(args, "upscale", None) is not None:  # mmdit sample; without --size, the smallest image bounds it
-        check_upscale(*(args.size or (16, 16)), args.upscale)
+        check_upscale(*(args.size or (16, 16)), args.upscale, smallest=args.size is None)
     if args.offload_encoders and args.offload not in (None, "encoders"):
         warn(args, f"--offload-encoders does nothing with --offload {args.offload}: ignored")
         args.offload_encoders = False
@@ -237,9 +237,11 @@ def check_flags(args: argparse.Namespace) -> None:
             setattr(args, dest(flag), None)
 
 
-def check_upscale(width: int, height: int, upscale: int) -> None:
+def check_upscale(width: int, height: int, upscale: int, smallest: bool = False) -> None:
+    """Refuse an enlarged PNG over MAX_PNG_PIXELS; `smallest`: the size is the smallest possible, 16x16."""
     if width * height * upscale**2 > MAX_PNG_PIXELS:
-        raise SizeError(f"--upscale {upscale}: a {width * upscale}x{height * upscale} PNG is over {MAX_PNG_PIXELS} "
+        what = "even a 16x16 image would be a" if smallest else "a"
+        raise SizeError(f"--upscale {upscale}: {what} {width * upscale}x{height * upscale} PNG, over {MAX_PNG_PIXELS} "
                         "pixels, which PIL refuses to open safely (Image.MAX_IMAGE_PIXELS)")
 
 

@@ -317,8 +317,8 @@ class FluxPipeline(Pipeline):
     def inert(self, guidance, negative_prompt, true_cfg) -> dict[str, str]:
         out = {}
         if guidance is not None and not self.transformer.params.guidance_embed:
-            out["guidance"] = ("this FLUX model takes no distilled guidance (schnell-like), and its classifier-free "
-                               "guidance is true CFG")
+            out["guidance"] = ("this FLUX model takes no distilled guidance, and its classifier-free guidance "
+                               "scale is true CFG's")
         if negative_prompt is not None and true_cfg <= 1:
             out["negative_prompt"] = "FLUX uses a negative prompt only with true CFG (a true CFG scale above 1)"
         if true_cfg > 1 and negative_prompt is None:

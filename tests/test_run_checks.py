@@ -83,8 +83,8 @@ def test_device_cuda_without_cuda(never_loads, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,message", [
     (["--slg", "0", "--slg-start", "0.5", "--slg-stop", "0.2"], "--slg-start 0.5 must be below --slg-stop 0.2"),
-    (["--size", "4096x4096", "--upscale", "3"], "--upscale 3: a 12288x12288 PNG is over 89478485 pixels"),
-    (["--upscale", "100000"], "--upscale 100000: a 1600000x1600000 PNG"),
+    (["--size", "4096x4096", "--upscale", "3"], "--upscale 3: a 12288x12288 PNG, over 89478485 pixels"),
+    (["--upscale", "100000"], "--upscale 100000: even a 16x16 image would be a 1600000x1600000 PNG"),
 ])
 def test_contradicting_flags_are_refused_before_loading(flags, message, never_loads, tmp_path, capsys):
     assert main(["sample", PROMPT, *flags, "-o", str(tmp_path / "x.png")]) == 2
