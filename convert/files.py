@@ -15,7 +15,6 @@ import math
 import mmap
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
@@ -371,19 +370,53 @@ def load_state_dict_strict(
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """`write(tmp)` on a temporary file beside `path`, then rename it to `path`: never a half-written file.
 
-    The folder is created if needed; if `write` fails, the temporary file is removed and `path` is
-    left as it was. `write` must write to the name it is given (not infer a format from its suffix).
+    What is left is what a plain `open(path, "w")` would leave, but whole or not at all:
+    - the folder is created if needed (a part of it that is not a folder: NotADirectoryError naming it);
+    - a new file gets `open`'s mode, 0o666 less the umask (the temporary file is created with mode
+      0o666, and the kernel applies the umask and any default ACL, as for `open`);
+    - a file it replaces keeps its permission bits, as `open` keeps the inode's (the owner becomes the
+      writer: only root could keep another's); a file `open` could not write is a PermissionError;
+    - a symbolic link is followed: the file it points to is replaced, the link stays;
+    - a path that exists and is not a regular file (a FIFO, `/dev/stdout`, a device) is written
+      through in place, as `open` would (not atomically: there is nothing to rename); a folder is an
+      IsADirectoryError.
+    If `write` fails, the temporary file is removed and `path` is left as it was. OS errors name `path`,
+    never the temporary file. `write` must write to the name it is given (not infer a format from its suffix).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.exists() and not path.is_file():  # exists/is_file follow links
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a folder, not a file")
+        write(str(path))
+        return
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise NotADirectoryError(f"{path}: {blocker} is not a folder") from None
+    kept = None  # the permission bits of the file replaced
+    if path.exists():
+        kept = path.stat().st_mode & 0o777
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"{path}: not writable (mode {kept:o}), as open() would refuse; not replaced")
+    tmp = folder / f".{path.name}.{os.urandom(6).hex()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} (cannot create a file in {folder})", str(path)) from None
+    created = os.fstat(fd).st_mode & 0o777
     os.close(fd)
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, created if kept is None else kept)  # also right if `write` made the file anew
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(tmp)):
+            raise OSError(e.errno, e.strerror, str(path)) from e  # name the file, not the temporary one
         raise
 
 

@@ -11,11 +11,20 @@ and `generate`'s keyword arguments in one place (`load_run`):
 Without --model both use the tiny model shipped with the repo (assets/tiny-flux: 32x32 scenes of
 colored shapes, shown 8x enlarged), offline. Steps, guidance and size default to the model's own
 (`sampling.pipeline.DEFAULTS`). The `mmdit` command (cli.py at the repository's top) adds `mmdit train`.
+
+Nothing runs on a value that cannot work: each flag is checked at parse time (finite, in range:
+sampling/limits.py), flags against each other and the output path before the model is loaded
+(`check_flags`, `check_output`), the size against the model before its weights are read. A flag that
+would do nothing on the model (`--guidance` on a model without guidance, `--negative` without true CFG on
+FLUX, ...) is a warning and is neither applied nor written to the output.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import math
+import os
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -30,15 +39,26 @@ from PIL.PngImagePlugin import PngInfo
 from convert.files import write_atomic
 from mmdit.probe import probe_attention
 
+from .limits import MAX_PNG_PIXELS, MAX_SEED, MAX_SIDE, MAX_STEPS, SizeError
 from .loading import default_model, load_pipeline
 from .lora import load_pipeline_lora
 from .offload import OFFLOAD
 from .pipeline import Pipeline
 from .probe import heatmap, write_csv
+from .sampler import NonFiniteError, slg_window
 from .taca import TacaSchedule
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 USER_ERRORS = (OSError, ValueError, RuntimeError)  # bad paths, files, settings, hub answers: one line, no traceback
+# `generate`'s guidance arguments and their flags (a flag that does nothing on the model is neither applied nor recorded)
+GUIDANCE_FLAGS = {"guidance": "--guidance", "negative_prompt": "--negative", "true_cfg": "--true-cfg"}
+UNSET = {"guidance": None, "negative_prompt": None, "true_cfg": 1.0}  # what generate takes as "not given"
+# the values of flags left unset (None, so that a flag given can be told from its default): generate's and TacaSchedule's
+FLAG_DEFAULTS = {"true_cfg": 1.0, "taca_until": TacaSchedule.until, "lora_scale": 1.0, "slg_scale": 2.8,
+                 "slg_start": 0.01, "slg_stop": 0.2}
+EPILOG = ("Every value is checked before any work: a bad one is one line on stderr and exit status 2; a flag that would "
+          "do nothing on the model is a warning, and is neither applied nor written to the output. Exit status 1: "
+          "the run produced NaN or Inf (the message names the step).")
 
 
 def version() -> str:
@@ -48,15 +68,73 @@ def version() -> str:
         return "unknown"
 
 
+# ---- flag values, checked at parse time (argparse names the flag in its error) ----
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    """"WxH" -> (width, height)."""
+    """"WxH" -> (width, height): positive multiples of 16, at most MAX_SIDE (sampling/limits.py)."""
     try:
         w, h = (int(x) for x in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1024x768, got {text!r}") from None
     if w % 16 or h % 16 or w <= 0 or h <= 0:
         raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 16, got {text!r}")
+    if max(w, h) > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"width and height are at most {MAX_SIDE}, got {text!r}")
     return w, h
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        if high is not None and n > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {n}")
+        return n
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number, at least `low` (above it if `above`), at most `high`."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (x <= low if above else x < low):
+            raise argparse.ArgumentTypeError(f"must be {'above' if above else 'at least'} {low:g}, got {text!r}")
+        if high is not None and x > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}, got {text!r}")
+        return x
+    return parse
+
+
+def parse_device(text: str) -> str:
+    """A device torch knows and this machine has: cpu, cuda[:N], mps, ..."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cpu":
+        return text
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available"):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a device to sample on (e.g. cpu, cuda, cuda:1, mps)")
+    if not backend.is_available():
+        why = ("this PyTorch is a CPU-only build" if device.type == "cuda" and torch.version.cuda is None
+               else f"PyTorch finds no {device.type} device here")
+        raise argparse.ArgumentTypeError(f"{text!r} is not available: {why}; use --device cpu")
+    count = getattr(backend, "device_count", lambda: None)()
+    if device.index is not None and count is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: there is no {device.type} device {device.index} ({count} found)")
+    return text
 
 
 def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
@@ -64,27 +142,36 @@ def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
     p.add_argument("prompt", help="the text to draw")
     p.add_argument("--model", help="Diffusers folder, official single file, or hub repo id (owner/name[/file.safetensors]) "
                    "(default: the tiny model shipped in assets/tiny-flux)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, help="FLUX-dev: distilled guidance; SD3: CFG scale (default: the model's)")
+    p.add_argument("--steps", type=integer(1, MAX_STEPS), help=f"sampling steps, 1 to {MAX_STEPS} (default: the model's)")
+    p.add_argument("--guidance", type=number(0), help="FLUX-dev: distilled guidance; SD3: CFG scale (default: the model's)")
     p.add_argument("--negative", help="negative prompt for SD3's CFG, or FLUX's with --true-cfg (default: none; SD3 uses \"\")")
-    p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX: true CFG scale with --negative (default 1: off)")
-    p.add_argument("--slg", type=int, nargs="+", metavar="LAYER",
+    p.add_argument("--true-cfg", type=number(1),
+                   help=f"FLUX: true CFG scale with --negative (default {FLAG_DEFAULTS['true_cfg']:g}: off)")
+    p.add_argument("--slg", type=integer(0), nargs="+", metavar="LAYER",
                    help="SD3: skip-layer guidance, skipping these joint blocks (SD3.5 Medium: 7 8 9); needs CFG (default off)")
-    p.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale (default 2.8)")
-    p.add_argument("--slg-start", type=float, default=0.01,
-                   help="SLG applies in step i of N when N * start < i < N * stop (default 0.01)")
-    p.add_argument("--slg-stop", type=float, default=0.2, help="see --slg-start (default 0.2)")
-    p.add_argument("--seed", type=int, default=seed,
-                   help="default: a random seed, written to the PNG" if seed is None else f"default {seed}")
-    p.add_argument("--taca", type=float, metavar="GAMMA", help="TACA: image-to-text logits x GAMMA (paper: 1.2; default off)")
-    p.add_argument("--taca-until", type=float, default=0.97, metavar="T",
-                   help="TACA is on while the noise level t >= T (default 0.97, the paper's; 0: every step)")
+    p.add_argument("--slg-scale", type=number(0),
+                   help=f"skip-layer guidance scale (default {FLAG_DEFAULTS['slg_scale']})")
+    p.add_argument("--slg-start", type=number(0, 1),
+                   help="SLG applies in step i of N when N * start < i < N * stop "
+                        f"(default {FLAG_DEFAULTS['slg_start']})")
+    p.add_argument("--slg-stop", type=number(0, 1), help=f"see --slg-start (default {FLAG_DEFAULTS['slg_stop']})")
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=seed,
+                   help="0 to 2**64 - 1 (default: a random seed, written to the PNG)" if seed is None
+                   else f"0 to 2**64 - 1 (default {seed})")
+    p.add_argument("--taca", type=number(0, above=True), metavar="GAMMA",
+                   help="TACA: image-to-text logits x GAMMA, above 0 (paper: 1.2; default off)")
+    p.add_argument("--taca-until", type=number(0, 1), metavar="T",
+                   help="with --taca: TACA is on while the noise level t >= T, 0 to 1 "
+                        f"(default {FLAG_DEFAULTS['taca_until']}, the paper's; 0: every step)")
     p.add_argument("--lora", type=Path, action="append", default=[], metavar="FILE",
                    help="a LoRA to apply, text-encoder weights included (repeatable; default none); with --taca "
                         "the transformer part is on only in the TACA steps")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of every --lora (default 1.0)")
-    p.add_argument("--size", type=parse_size, metavar="WxH", help="default: the model's (1024x1024; the tiny model 32x32)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--lora-scale", type=number(),
+                   help=f"strength of every --lora (default {FLAG_DEFAULTS['lora_scale']})")
+    p.add_argument("--size", type=parse_size, metavar="WxH",
+                   help=f"multiples of 16, at most {MAX_SIDE} and what the model allows (SD3: its position table) "
+                        "(default: the model's, 1024x1024; the tiny model 32x32)")
+    p.add_argument("--device", type=parse_device, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--offload", choices=[m for m in OFFLOAD if m],
                    help="parts kept on the CPU, on the GPU only while they run: the text encoders (whole, or "
@@ -94,11 +181,14 @@ def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
 
 
 def add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="text to image", description="Generate an image from a prompt.")
+    p = sub.add_parser("sample", help="text to image", description="Generate an image from a prompt.", epilog=EPILOG)
     add_run_arguments(p, seed=None)
-    p.add_argument("--upscale", type=int, metavar="N",
-                   help="enlarge the PNG N times, nearest-neighbour (default: the model's; the tiny model 8)")
-    p.add_argument("-o", "--output", default="out.png", type=Path, help="the PNG to write (default out.png)")
+    p.add_argument("--upscale", type=integer(1), metavar="N",
+                   help=f"enlarge the PNG N times, nearest-neighbour, up to {MAX_PNG_PIXELS} pixels in all "
+                        "(default: the model's; the tiny model 8)")
+    p.add_argument("-o", "--output", default="out.png", type=Path,
+                   help="the PNG to write, a .png name, or an existing FIFO or device such as /dev/stdout, "
+                        "written through (default out.png)")
     p.set_defaults(func=sample)
 
 
@@ -107,88 +197,198 @@ def add_probe(sub) -> None:
         "probe", help="attention mass of image queries on text keys, per layer and step",
         description="Sample like `mmdit sample` and record, per step and layer, the share of attention that image "
         "queries give to text keys (with TACA applied). Writes OUTPUT (CSV) and OUTPUT with .png (heat map).",
+        epilog=EPILOG,
     )
     add_run_arguments(p, seed=0)
     p.add_argument("-o", "--output", default="probe.csv", type=Path,
-                   help="the CSV to write; the heat map goes beside it with .png (default probe.csv)")
+                   help="the CSV to write, a .csv name; the heat map goes beside it with .png (default probe.csv)")
     p.set_defaults(func=probe)
+
+
+# ---- checks that need more than one flag, or the file system: before any work ----
+
+
+# flags that mean something only beside another
+NEEDS = {"--taca-until": "--taca", "--lora-scale": "--lora", "--slg-scale": "--slg", "--slg-start": "--slg",
+         "--slg-stop": "--slg"}
+
+
+def dest(flag: str) -> str:
+    """The attribute argparse stores a flag in: --taca-until -> taca_until."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def warn(args: argparse.Namespace, message: str) -> None:
+    print(f"mmdit {args.command}: warning: {message}", file=sys.stderr)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flags that contradict each other are an error; flags that would do nothing are a warning (and unset)."""
+    if args.slg_start is not None and args.slg_stop is not None and args.slg_start >= args.slg_stop:
+        raise ValueError(f"--slg-start {args.slg_start} must be below --slg-stop {args.slg_stop}")
+    if getattr(args, "upscale", None) is not None:  # mmdit sample; without --size, the smallest image bounds it
+        check_upscale(*(args.size or (16, 16)), args.upscale, smallest=args.size is None)
+    if args.offload_encoders and args.offload not in (None, "encoders"):
+        warn(args, f"--offload-encoders does nothing with --offload {args.offload}: ignored")
+        args.offload_encoders = False
+    for flag, other in NEEDS.items():
+        if getattr(args, dest(flag)) is not None and not getattr(args, dest(other)):
+            warn(args, f"{flag} does nothing without {other}: ignored")
+            setattr(args, dest(flag), None)
+
+
+def check_upscale(width: int, height: int, upscale: int, smallest: bool = False) -> None:
+    """Refuse an enlarged PNG over MAX_PNG_PIXELS; `smallest`: the size is the smallest possible, 16x16."""
+    if width * height * upscale**2 > MAX_PNG_PIXELS:
+        what = "even a 16x16 image would be a" if smallest else "a"
+        raise SizeError(f"--upscale {upscale}: {what} {width * upscale}x{height * upscale} PNG, over {MAX_PNG_PIXELS} "
+                        "pixels, which PIL refuses to open safely (Image.MAX_IMAGE_PIXELS)")
+
+
+def check_output(path: Path, suffix: str, through: bool) -> Path:
+    """Refuse, before any work, an output that could not be written; returns the path. A name must end in
+    `suffix` (the format written); an existing FIFO or device (/dev/stdout) is written through when
+    `through`, else refused; the folder must exist or be creatable, and take a new file."""
+    if path.exists() and not path.is_file():  # follows links
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a folder; name a file")
+        if not through:
+            raise ValueError(f"{path}: not a regular file; name a {suffix} file")
+        return path
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # /dev/stdout > file.png: that file
+    if target.suffix.lower() != suffix:
+        raise ValueError(f"{path}: the output is written as {suffix[1:].upper()}: name it *{suffix}")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise PermissionError(f"{path}: not writable")
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise NotADirectoryError(f"{path}: {blocker} is not a folder") from None
+    except OSError as e:
+        raise type(e)(f"{path}: cannot create the folder {folder}: {e.strerror}") from None
+    probe = folder / f".{target.name}.{os.urandom(6).hex()}.check"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise type(e)(f"{path}: cannot write a file in {folder}: {e.strerror}") from None
+    probe.unlink()
+    return path
 
 
 def load_run(args: argparse.Namespace) -> tuple[Pipeline, dict]:
     """The pipeline the flags name (with their LoRAs) and `generate`'s keyword arguments: the flags, else
-    the model's defaults (steps, guidance, size), every one resolved so that it can be written down."""
+    the model's defaults (steps, guidance, size), every one resolved so that it can be written down. A
+    guidance flag that would do nothing on this model is warned of and left out (None)."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-    pipe = load_pipeline(args.model or default_model(), device=device, dtype=dtype, offload=args.offload,
-                         offload_encoders=args.offload_encoders)
-    for file in args.lora:
-        load_pipeline_lora(pipe, file, scale=args.lora_scale)
+    offload = args.offload or ("encoders" if args.offload_encoders else None)
+    if offload and torch.device(device).type == "cpu":
+        warn(args, f"--offload {offload} does nothing on the CPU (every part is there already): ignored")
+        offload = None
+    image_size = None if args.size is None else args.size[::-1]  # (height, width)
+    pipe = load_pipeline(args.model or default_model(), device=device, dtype=dtype, offload=offload,
+                         image_size=image_size)
     width, height = args.size or (pipe.defaults.size, pipe.defaults.size)
+    if hasattr(args, "upscale"):  # mmdit sample
+        args.upscale = pipe.defaults.upscale if args.upscale is None else args.upscale
+        check_upscale(width, height, args.upscale)
+    value = {name: default if getattr(args, name) is None else getattr(args, name)
+             for name, default in FLAG_DEFAULTS.items()}
+    for file in args.lora:
+        load_pipeline_lora(pipe, file, scale=value["lora_scale"])
+    steps = pipe.defaults.steps if args.steps is None else args.steps
     settings = dict(
-        height=height, width=width,
-        steps=pipe.defaults.steps if args.steps is None else args.steps,
+        height=height, width=width, steps=steps,
         guidance=pipe.defaults.guidance if args.guidance is None else args.guidance,
         seed=random.randrange(2**32) if args.seed is None else args.seed,
-        negative_prompt=args.negative, true_cfg=args.true_cfg,
-        temperature=None if args.taca is None else TacaSchedule(args.taca, args.taca_until),
-        skip_guidance_layers=args.slg, skip_layer_guidance_scale=args.slg_scale,
-        skip_layer_guidance_start=args.slg_start, skip_layer_guidance_stop=args.slg_stop,
+        negative_prompt=args.negative, true_cfg=value["true_cfg"],
+        temperature=None if args.taca is None else TacaSchedule(args.taca, value["taca_until"]),
+        skip_guidance_layers=args.slg, skip_layer_guidance_scale=value["slg_scale"],
+        skip_layer_guidance_start=value["slg_start"], skip_layer_guidance_stop=value["slg_stop"],
     )
+    for name, why in pipe.inert(settings["guidance"], settings["negative_prompt"], settings["true_cfg"]).items():
+        flag = GUIDANCE_FLAGS[name]
+        if getattr(args, dest(flag)) is not None:  # else the model's default guidance, which it does not take: silently
+            warn(args, f"{flag} {getattr(args, dest(flag))!r} does nothing on {pipe.variant}: {why}; "
+                       "not applied, not recorded")
+        settings[name] = UNSET[name]
+    if args.slg is not None and pipe.family == "sd3":
+        f = pipe.autoencoder.params.downscale
+        window = slg_window(pipe.sigmas(steps, height // f, width // f),
+                            settings["skip_layer_guidance_start"], settings["skip_layer_guidance_stop"])
+        if not window:
+            warn(args, f"--slg does nothing in {steps} steps: no step i of them has N * start < i < N * stop "
+                       "(--slg-start, --slg-stop); not applied, not recorded")
+            settings["skip_guidance_layers"] = None
     return pipe, settings
 
 
 def png_text(args: argparse.Namespace, pipe: Pipeline, settings: dict) -> dict[str, str]:
-    """Every setting of the run, for the PNG's text chunks; the optional ones only when used."""
+    """Every setting the run applied, for the PNG's text chunks; the optional ones only when used."""
     taca = settings["temperature"]
-    text = {
-        "prompt": args.prompt, "model": pipe.name, "variant": pipe.variant, "steps": settings["steps"],
-        "guidance": settings["guidance"], "seed": settings["seed"],
-        "taca": f"gamma={taca.gamma} until t={taca.until}" if taca else "off",
+    text = {"prompt": args.prompt, "model": pipe.name, "variant": pipe.variant, "steps": settings["steps"]}
+    if settings["guidance"] is not None:  # None: a model that takes no guidance scale
+        text["guidance"] = settings["guidance"]
+    text |= {
+        "seed": settings["seed"], "taca": f"gamma={taca.gamma} until t={taca.until}" if taca else "off",
         "size": f"{settings['width']}x{settings['height']}", "version": f"taca-mmdit {version()}",
     }
-    if args.negative is not None:
-        text["negative"] = args.negative
-    if args.true_cfg > 1:
-        text["true_cfg"] = args.true_cfg
-    if args.slg is not None:
-        layers = " ".join(map(str, args.slg))
-        text["slg"] = f"layers {layers} scale={args.slg_scale} start={args.slg_start} stop={args.slg_stop}"
+    if settings["negative_prompt"] is not None:
+        text["negative"] = settings["negative_prompt"]
+    if settings["true_cfg"] > 1:
+        text["true_cfg"] = settings["true_cfg"]
+    if settings["skip_guidance_layers"] is not None:
+        layers = " ".join(map(str, settings["skip_guidance_layers"]))
+        text["slg"] = (f"layers {layers} scale={settings['skip_layer_guidance_scale']} "
+                       f"start={settings['skip_layer_guidance_start']} stop={settings['skip_layer_guidance_stop']}")
     if args.lora:
-        text["lora"] = ", ".join(f"{f.name} x{args.lora_scale}" for f in args.lora)
+        scale = FLAG_DEFAULTS["lora_scale"] if args.lora_scale is None else args.lora_scale
+        text["lora"] = ", ".join(f"{f.name} x{scale}" for f in args.lora)
     return {k: str(v) for k, v in text.items()}
 
 
 def write_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
-    """The PNG with `text` as its text chunks, written atomically."""
+    """The PNG with `text` as its text chunks, written atomically (through, to a FIFO or a device: encoded
+    in memory first, as PIL's PNG writer seeks)."""
     png = PngInfo()
     for k, v in text.items():
         png.add_text(k, v)
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png))
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG", pnginfo=png)
+    write_atomic(path, lambda name: Path(name).write_bytes(encoded.getvalue()))
 
 
 def sample(args: argparse.Namespace) -> int:
+    check_flags(args)
+    check_output(args.output, ".png", through=True)
     pipe, settings = load_run(args)
     (image,) = pipe.generate([args.prompt], progress=True, **settings)
     text = png_text(args, pipe, settings)
-    width, height = settings["width"], settings["height"]
-    upscale = pipe.defaults.upscale if args.upscale is None else args.upscale
+    width, height, upscale = settings["width"], settings["height"], args.upscale
     if upscale > 1:
         text["upscale"] = f"x{upscale} nearest"
         image = image.resize((width * upscale, height * upscale), Image.Resampling.NEAREST)
     write_png(image, args.output, text)
     shown = f", shown x{upscale}" if upscale > 1 else ""
-    print(f"wrote {args.output} ({width}x{height}{shown}, {pipe.variant}, {settings['steps']} steps, seed {settings['seed']})")
+    report = sys.stdout if args.output.is_file() else sys.stderr  # not into the PNG written to /dev/stdout
+    print(f"wrote {args.output} ({width}x{height}{shown}, {pipe.variant}, {settings['steps']} steps, "
+          f"seed {settings['seed']})", file=report)
     return 0
 
 
 def probe(args: argparse.Namespace) -> int:
+    check_flags(args)
+    heat = args.output.with_suffix(".png")
+    check_output(args.output, ".csv", through=False)
+    check_output(heat, ".png", through=False)
     pipe, settings = load_run(args)
     with probe_attention(pipe.transformer) as result:
         pipe.generate([args.prompt], output="latent", progress=True, **settings)
     write_csv(result, args.output)
     text = png_text(args, pipe, settings)
     title = f"text mass of image queries: {pipe.variant}, {text['size']}, taca {text['taca']}"
-    heat = args.output.with_suffix(".png")
     write_png(heatmap(result, title), heat, text)
     print(f"wrote {args.output} ({len(result.records)} rows: {result.step + 1} model calls x {len(result.layers())} "
           f"layers) and {heat}")
@@ -196,7 +396,8 @@ def probe(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, more: Sequence[Callable] = ()) -> int:
-    """Parse and run one subcommand: sample, probe and those `more` adds (cli.py adds `train`)."""
+    """Parse and run one subcommand: sample, probe and those `more` adds (cli.py adds `train`).
+    Exit status: 0 done; 1 the run produced NaN or Inf; 2 a bad value, file or setting (one line, no traceback)."""
     parser = argparse.ArgumentParser(prog="mmdit", description="MM-DiT (FLUX.1, SD3/SD3.5) with TACA")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_sample, add_probe, *more):
@@ -204,6 +405,10 @@ def main(argv: list[str] | None = None, more: Sequence[Callable] = ()) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except NonFiniteError as e:
         print(f"mmdit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as e:
+        message = f"--{e}" if isinstance(e, SizeError) and str(e).startswith("size ") else str(e)  # name the flag
+        print(f"mmdit {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -19,6 +19,11 @@ weightless `PixelCodec` (mmdit/pixel_codec.py) instead. Its `"sampling_defaults"
 is one, replaces the family's defaults (`steps`, `guidance`, `size`, `upscale`; sampling/pipeline.py).
 A FLUX T5 tokenizer folder's `model_max_length` sets the text length (else 512).
 The tiny model shipped in assets/tiny-flux is such a folder.
+
+Before any weight is read, the transformer is identified from its file's header (`detect_transformer`)
+and refused if this text-to-image pipeline cannot run it: a variant whose transformer takes more input
+channels than its latents have (FLUX.1 Fill, Depth, Canny) needs inputs beside the noise that
+`generate` does not give (`check_runnable`).
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from pathlib import Path
 
 import torch
 
-from convert import load_autoencoder, load_text_encoder, load_tokenizer, load_transformer
+from convert import Detected, detect_transformer, load_autoencoder, load_text_encoder, load_tokenizer, load_transformer
 from convert.files import CheckpointError, read_config
 from mmdit.pixel_codec import is_pixel_codec, load_pixel_codec
 from mmdit.tokenizer import CLIPTokenizer
 
 from .hub import resolve
+from .limits import check_size
 from .offload import EVERY_PART, check_offload
 from .parts import DIFFUSERS_DIRS, ROLES, Part, absent_on_purpose, find_parts, model_index
 from .pipeline import PIPELINES, Defaults, Pipeline
@@ -45,6 +51,14 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-flux"
 OPTIONAL = {("sd3", "t5")}  # SD3 without T5: zeros in its place, as Diffusers does
 T5_LENGTH = {"flux": 512, "sd3": 256}  # Diffusers' max_sequence_length defaults (BFL: schnell 256)
+# Variants whose transformer takes inputs beside the noisy latents, concatenated along the channels
+# (BFL flux `src/flux/sampling.py` `prepare_fill`, `prepare_control`; Diffusers `FluxFillPipeline`,
+# `FluxControlPipeline`), and what those inputs are
+EXTRA_INPUTS = {
+    "flux-fill": "an inpainting mask and the masked image's latents (FLUX.1 Fill: Diffusers FluxFillPipeline)",
+    "flux-depth/canny": "a control image's latents, a depth map or Canny edges (FLUX.1 Depth/Canny: Diffusers "
+                        "FluxControlPipeline)",
+}
 
 
 def default_model() -> str:
@@ -71,6 +85,22 @@ def _missing(name: str, source: Path) -> CheckpointError:
     return CheckpointError(f"{source}: did not find {what[base]}")
 
 
+def check_runnable(found: Detected) -> None:
+    """Refuse a transformer whose input is wider than its output: the extra input channels are inputs
+    (a mask, a control image) that this text-to-image pipeline does not give, and the first step
+    would fail after everything is loaded."""
+    p = found.params
+    width_in, width_out = getattr(p, "in_channels", None), getattr(p, "out_channels", None)
+    if width_in is None or width_out is None or width_in == width_out:
+        return
+    needs = EXTRA_INPUTS.get(found.variant, "inputs beside the noisy latents")
+    raise CheckpointError(
+        f"{found.source}: a {found.variant} transformer: it takes {width_in} input channels, {width_out} of them "
+        f"the latents, the other {width_in - width_out} {needs}. This pipeline generates from text alone: "
+        "use a text-to-image model (FLUX.1-dev or -schnell, SD3/SD3.5)"
+    )
+
+
 def _folder_length(folder: Path) -> int | None:
     """A tokenizer folder's own `model_max_length`, if it sets a sane one."""
     n = (read_config(folder / "tokenizer_config.json") or {}).get("model_max_length") if folder.is_dir() else None
@@ -95,6 +125,7 @@ def load_pipeline(
     offload_encoders: bool = False,
     max_sequence_length: int | None = None,
     revision: str | None = None,
+    image_size: tuple[int, int] | None = None,
     **given: str | os.PathLike | None,
 ) -> Pipeline:
     """Load a FLUX or SD3 pipeline from a folder, a single file or a hub repo id (see the module docstring).
@@ -104,6 +135,11 @@ def load_pipeline(
         "stream-encoders", "model" or "stream" (sampling/offload.py). `offload_encoders=True` is
         `offload="encoders"`.
     max_sequence_length: T5 tokens (default FLUX 512, SD3 256, as Diffusers).
+    image_size: (height, width) in pixels that `generate` will be asked for: checked against the model
+        (`sampling.limits.check_size`: SD3's position table) before the transformer and the text encoders
+        are loaded (the autoencoder, which sets the pixels per latent, is loaded first).
+    Raises CheckpointError before loading anything for a transformer this pipeline cannot run
+    (`check_runnable`: FLUX.1 Fill, Depth, Canny).
     """
     allowed = {"vae", *(r + s for roles in ROLES.values() for r in roles for s in ("", "_tokenizer"))}
     unknown = set(given) - allowed
@@ -112,8 +148,9 @@ def load_pipeline(
     path, name = resolve(str(source), revision)
     offload = check_offload(offload or ("encoders" if offload_encoders else None))
     everything = offload in EVERY_PART
-    transformer = load_transformer(path, device="cpu" if everything else device, dtype=dtype)
-    family = transformer.family
+    found = detect_transformer(path)  # the header only
+    check_runnable(found)
+    family = found.family
     parts = find_parts(path, family, given)
     absent = absent_on_purpose(path)
     dropped = {role for role, dirs in DIFFUSERS_DIRS[family].items() if set(dirs) <= absent}  # no encoder on purpose
@@ -121,6 +158,14 @@ def load_pipeline(
         role = k.removesuffix("_tokenizer")
         if p is None and (family, role) not in OPTIONAL and role not in dropped:
             raise _missing(k, path)
+    vae, ae_device = parts["vae"].path, "cpu" if everything else device
+    if is_pixel_codec(vae):
+        ae = load_pixel_codec(vae, device=ae_device, dtype=dtype)
+    else:
+        ae = load_autoencoder(vae, family=family, device=ae_device, dtype=dtype)
+    if image_size is not None:
+        check_size(*image_size, found.params, ae.params.downscale)
+    transformer = load_transformer(path, device="cpu" if everything else device, dtype=dtype)
     enc_device = "cpu" if offload else device
     encoders, tokenizers = {}, {}
     for role in ROLES[family]:
@@ -132,11 +177,6 @@ def load_pipeline(
             continue
         encoders[role] = load_text_encoder(enc.path, device=enc_device, dtype=dtype, prefix=enc.prefix)
         tokenizers[role] = _tokenizer(tok, role, family, max_sequence_length)
-    vae, ae_device = parts["vae"].path, "cpu" if everything else device
-    if is_pixel_codec(vae):
-        ae = load_pixel_codec(vae, device=ae_device, dtype=dtype)
-    else:
-        ae = load_autoencoder(vae, family=family, device=ae_device, dtype=dtype)
     kwargs = {"max_sequence_length": max_sequence_length or T5_LENGTH["sd3"]} if family == "sd3" else {}
     own_defaults = model_index(path).get("sampling_defaults")
     if own_defaults is not None:

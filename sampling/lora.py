@@ -1,17 +1,41 @@
-"""LoRA files on a whole pipeline: the transformer part and each text encoder's part (convert/lora.py)."""
+"""LoRA files on a whole pipeline: the transformer part and each text encoder's part (convert/lora.py).
+
+A control LoRA (BFL's FLUX.1 Depth/Canny LoRAs) widens the transformer's input embedding to take a
+control image's latents beside the noise (Diffusers `FluxControlPipeline` loads it by widening
+`x_embedder`): this text-to-image pipeline does not give that image, so such a file is refused, named.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
 from torch import nn
 
-from convert.files import CheckpointError
+from convert.files import Checkpoint, CheckpointError
 from convert.lora import load_lora, load_text_encoder_lora, lora_parts
 from mmdit.lora import remove_lora
 
 from .pipeline import Pipeline
+
+# the down-projection of a LoRA on FLUX's input embedding, in BFL, Diffusers/PEFT and kohya spellings
+INPUT_EMBEDDING_LORA = ("img_in.lora_A.weight", "x_embedder.lora_A.weight", "img_in.lora_down.weight")
+
+
+def check_input_width(pipe: Pipeline, path: str | os.PathLike) -> None:
+    """Refuse a LoRA whose input-embedding down-projection is wider than the transformer's input: a
+    control LoRA, which needs a control image this pipeline does not give."""
+    if pipe.family != "flux":
+        return
+    ckpt, width = Checkpoint.open(path), pipe.transformer.params.in_channels
+    for key in ckpt:
+        if key.endswith(INPUT_EMBEDDING_LORA) and ckpt.shape(key)[-1] > width:
+            raise CheckpointError(
+                f"{path}: a control LoRA (FLUX.1 Depth/Canny style): {key!r} takes {ckpt.shape(key)[-1]} input "
+                f"channels, the transformer's latents {width}; the rest are a control image's latents (a depth map "
+                "or Canny edges), which this text-to-image pipeline does not give"
+            )
 
 
 def load_pipeline_lora(
@@ -23,10 +47,18 @@ def load_pipeline_lora(
     (`clip_l`, `clip_g`, `t5`; layouts: convert/lora_formats.py); a file may hold any of them. Weights
     for an encoder the pipeline does not have (T5 left out, `lora_te2_` CLIP-bigG in a FLUX file) are
     an error naming it, as are keys matching no layer; strict=False skips them with a warning. Either
-    every part loads or none changes. scale: the user strength of every part. Returns the adapter name.
+    every part loads or none changes. scale: the user strength of every part (a finite number). Returns the
+    adapter name. Errors name the file.
     """
+    if not math.isfinite(scale):
+        raise ValueError(f"{path}: LoRA scale must be a finite number, got {scale}")
+    check_input_width(pipe, path)
+    try:
+        parts = lora_parts(path, pipe.family)
+    except CheckpointError as e:
+        raise e if str(path) in str(e) else CheckpointError(f"{path}: {e}") from None
     models: dict[str, nn.Module] = {}
-    for part, keys in lora_parts(path, pipe.family).items():
+    for part, keys in parts.items():
         model = pipe.transformer if part == "transformer" else pipe.encoders.get(part) if part else None
         if model is not None:
             models[part] = model

@@ -16,10 +16,15 @@ what the transformer receives about a prompt (`encode_prompt`), which noise leve
   (`skip_guidance_layers`). SAI sd3.5 `sd3_infer.py` `get_cond`; Diffusers
   `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`.
 Deviation from Diffusers: latents are kept in float32 between steps whatever the model's dtype.
+`generate` checks its arguments before any work (sizes against the model and the memory:
+sampling/limits.py), warns of guidance arguments that would do nothing on the model (`inert`), and
+raises NonFiniteError where NaN or Inf appear (encoding, sampling, decoding) instead of returning them.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -29,9 +34,10 @@ from torch import Tensor, nn
 
 from mmdit.sd3 import skipped_blocks
 
+from .limits import check_finite, check_memory, check_seed, check_size, largest_activation
 from .offload import EVERY_PART, borrowed, check_offload, pin, streamed
-from .sampler import Conditioning, Guidance, SkipLayerGuidance, denoise, slg_window
-from .schedules import flux_sigmas, given_sigmas, sd3_sigmas
+from .sampler import Conditioning, Guidance, NonFiniteError, SkipLayerGuidance, all_finite, denoise, slg_window
+from .schedules import SD3_SHIFT, flux_mu, flux_sigmas, given_sigmas, sd3_sigmas
 from .taca import TemperatureSpec
 
 @dataclass(frozen=True)
@@ -146,6 +152,13 @@ class Pipeline:
             out = enc(ids, **kwargs)
         return out, ids
 
+    def _check_memory(self, height: int, width: int, batch: int, tiled: bool) -> None:
+        """Refuse a size whose largest activation alone exceeds the device's free memory (sampling/limits.py)."""
+        itemsize = next(self.transformer.parameters()).element_size()
+        need = largest_activation(height, width, batch, self.transformer.params, self.autoencoder.params, itemsize,
+                                  self.autoencoder.dtype.itemsize, tiled)
+        check_memory(need, self.device, height, width)
+
     # ---- what a family says ----
 
     def encode_prompt(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
@@ -155,6 +168,16 @@ class Pipeline:
     def sigmas(self, steps: int, latent_h: int, latent_w: int) -> Tensor:
         """The noise levels for `steps` steps at this latent size: (steps + 1,) on the CPU, from 1 to 0."""
         raise NotImplementedError
+
+    def shift(self, latent_h: int, latent_w: int) -> float:
+        """The factor s of the schedule's shift `s t / (1 + (s - 1) t)` at this latent size (1: none), the
+        one `generate(sigmas=...)` applies to the given levels, as Diffusers' scheduler does."""
+        raise NotImplementedError
+
+    def inert(self, guidance: float | None, negative_prompt, true_cfg: float) -> dict[str, str]:
+        """The guidance arguments given that would do nothing on this model: {argument: why}. `generate`
+        warns of them; `mmdit sample` neither applies nor records them."""
+        return {}
 
     def guidance_for(self, prompts: list[str], guidance: float, negative_prompt: str | list[str] | None,
                      true_cfg: float) -> Guidance:
@@ -185,16 +208,23 @@ class Pipeline:
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
+        noise_levels: list[float] | Tensor | None = None,
     ):
         """Images for the prompts (height and width: default the model's, 1024 for the real ones).
 
         steps, guidance: default the model's (`self.defaults`); guidance is FLUX-dev's distilled scale
             or SD3's CFG scale (`guidance_for`).
         noise: the initial latents (B, z, H/f, W/f) (z, f: the autoencoder's, 16 and 8 for the real
-            ones); else drawn from `seed` with a CPU generator.
+            ones); else drawn from `seed` (0 to 2**64 - 1) with a CPU generator.
         temperature: TACA's: a number, a [2, 2] matrix, or a function of t (sampling/taca.py).
         gate_lora: with a temperature given, LoRA adapters are on only where it is not 1.
-        sigmas: your own noise levels instead of the model's schedule.
+        sigmas: your own noise levels instead of the model's schedule, in Diffusers' meaning
+            (`pipe(sigmas=...)`, `FlowMatchEulerDiscreteScheduler.set_timesteps`): decreasing, in (0, 1],
+            shifted by the model's schedule shift before use (`self.shift`: FLUX-dev exp(mu) of the image
+            size, SD3 3.0, FLUX-schnell none), then 0 appended; `steps` is then their count. SD3:
+            [1.0, 0.75, 0.5, 0.25] -> [1.0, 0.9, 0.75, 0.5, 0.0].
+        noise_levels: your own noise levels t used exactly as given (no shift): decreasing, in (0, 1],
+            then 0 appended. Give `sigmas` or `noise_levels`, not both.
         true_cfg: FLUX: classifier-free guidance at this scale when > 1 and a negative prompt is given.
         decode_tile: tiled decoding (latent pixels per tile) for large images.
         output: "pil" (list of images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent".
@@ -208,13 +238,20 @@ class Pipeline:
         width = self.defaults.size if width is None else width
         if output not in ("pil", "tensor", "latent"):
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
-        if height <= 0 or width <= 0 or height % 16 or width % 16:
-            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+        ae = self.autoencoder
+        check_size(height, width, self.transformer.params, ae.params.downscale)
         if skip_guidance_layers is not None and self.family != "sd3":
             raise ValueError(f"skip-layer guidance (skip_guidance_layers, --slg) is SD3-only; this is a {self.family} model")
+        check_finite(guidance=guidance, true_cfg=true_cfg, skip_layer_guidance_scale=skip_layer_guidance_scale,
+                     skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
+        check_seed(seed)
+        if sigmas is not None and noise_levels is not None:
+            raise ValueError("give sigmas (shifted by the model's schedule, as Diffusers) or noise_levels (as they are), "
+                             "not both")
+        for name, why in self.inert(guidance, negative_prompt, true_cfg).items():
+            warnings.warn(f"{name} does nothing here: {why}", stacklevel=3)
         steps = self.defaults.steps if steps is None else steps
         guidance = self.defaults.guidance if guidance is None else guidance
-        ae = self.autoencoder
         h, w = height // ae.params.downscale, width // ae.params.downscale
         shape = (len(prompts), ae.params.z_channels, h, w)
         if noise is None:
@@ -222,22 +259,36 @@ class Pipeline:
             noise = torch.randn(shape, generator=gen)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {list(shape)} (B, z, H/f, W/f), got {list(noise.shape)}")
-        sigmas = given_sigmas(sigmas) if sigmas is not None else self.sigmas(steps, h, w)  # (N + 1,) on the CPU
+        if sigmas is not None:  # (N + 1,) on the CPU
+            levels = given_sigmas(sigmas, self.shift(h, w))
+        else:
+            levels = given_sigmas(noise_levels) if noise_levels is not None else self.sigmas(steps, h, w)
         slg = None
         if skip_guidance_layers is not None:
             slg = SkipLayerGuidance(skipped_blocks(skip_guidance_layers, self.transformer.params.depth),
                                     skip_layer_guidance_scale,
-                                    slg_window(sigmas, skip_layer_guidance_start, skip_layer_guidance_stop))
+                                    slg_window(levels, skip_layer_guidance_start, skip_layer_guidance_stop))
+            if not slg.at:
+                warnings.warn(f"skip_guidance_layers does nothing here: no step of {len(levels) - 1} is in its window",
+                              stacklevel=3)
+        self._check_memory(height, width, len(prompts), tiled=decode_tile is not None)
 
         cond = Conditioning(*self.encode_prompt(prompts))
         guide = replace(self.guidance_for(prompts, guidance, negative_prompt, true_cfg), slg=slg)
+        for what, c in (("prompts", cond), ("negative prompts", guide.negative)):
+            if c is not None and not all_finite(c.context, c.pooled):
+                raise NonFiniteError(f"the encoding of the {what} holds NaN or Inf: check the text encoders' weights "
+                                     "(and any LoRA on them)")
         with self._running(self.transformer):
-            latents = denoise(self.transformer, noise.to(self.device, torch.float32), sigmas, cond, guide,
+            latents = denoise(self.transformer, noise.to(self.device, torch.float32), levels, cond, guide,
                               temperature, gate_lora, progress)
         if output == "latent":
             return latents
         with self._running(ae):
-            images = (ae.decode(latents.to(ae.dtype), tile=decode_tile).float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+            images = ae.decode(latents.to(ae.dtype), tile=decode_tile).float()  # (B, 3, H, W) in [-1, 1]
+        if not all_finite(images):
+            raise NonFiniteError("the autoencoder decoded finite latents to NaN or Inf: check its weights")
+        images = (images / 2 + 0.5).clamp(0, 1)
         return images if output == "tensor" else to_pil(images)
 
 
@@ -256,6 +307,23 @@ class FluxPipeline(Pipeline):
     def sigmas(self, steps: int, latent_h: int, latent_w: int) -> Tensor:
         # dev-type models are shifted by the image size, schnell-type not (BFL's `shift=(name != "flux-schnell")`)
         return flux_sigmas(steps, (latent_h // 2) * (latent_w // 2), shifted=self.transformer.params.guidance_embed)
+
+    def shift(self, latent_h: int, latent_w: int) -> float:
+        # Diffusers: the dev repos' scheduler shifts by exp(mu) (`use_dynamic_shifting`), schnell's by 1
+        if not self.transformer.params.guidance_embed:
+            return 1.0
+        return math.exp(flux_mu((latent_h // 2) * (latent_w // 2)))
+
+    def inert(self, guidance, negative_prompt, true_cfg) -> dict[str, str]:
+        out = {}
+        if guidance is not None and not self.transformer.params.guidance_embed:
+            out["guidance"] = ("this FLUX model takes no distilled guidance, and its classifier-free guidance "
+                               "scale is true CFG's")
+        if negative_prompt is not None and true_cfg <= 1:
+            out["negative_prompt"] = "FLUX uses a negative prompt only with true CFG (a true CFG scale above 1)"
+        if true_cfg > 1 and negative_prompt is None:
+            out["true_cfg"] = "true CFG needs a negative prompt"
+        return out
 
     def guidance_for(self, prompts, guidance, negative_prompt, true_cfg) -> Guidance:
         distilled = guidance if self.transformer.params.guidance_embed else None  # dev-type: an input; schnell: none
@@ -288,6 +356,18 @@ class SD3Pipeline(Pipeline):
 
     def sigmas(self, steps: int, latent_h: int, latent_w: int) -> Tensor:
         return sd3_sigmas(steps)
+
+    def shift(self, latent_h: int, latent_w: int) -> float:
+        return SD3_SHIFT
+
+    def inert(self, guidance, negative_prompt, true_cfg) -> dict[str, str]:
+        out = {}
+        if true_cfg != 1:
+            out["true_cfg"] = "SD3's classifier-free guidance scale is the guidance scale"
+        cfg = self.defaults.guidance if guidance is None else guidance
+        if negative_prompt is not None and cfg <= 1:
+            out["negative_prompt"] = f"SD3 uses a negative prompt only with CFG (a guidance scale above 1, here {cfg})"
+        return out
 
     def guidance_for(self, prompts, guidance, negative_prompt, true_cfg) -> Guidance:
         if guidance <= 1:  # no CFG (SD3.5 Large Turbo)

@@ -16,7 +16,9 @@ The models predict the velocity `v = noise - image` of the straight path `x_t = 
     prompts with some joint blocks skipped, and `v += scale (v_pos - v_skip)` (Diffusers
     `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`, `skip_guidance_layers`);
 - the Euler step.
-TACA's temperature and the LoRA gate act on every branch alike.
+TACA's temperature and the LoRA gate act on every branch alike. After each step a flag on the device
+counts the steps whose latents were still finite; it is read once, at the end, so that NaN or Inf
+(non-finite weights, an overflow) is an error naming its first step, never a black image.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ from tqdm.auto import tqdm
 from mmdit.lora import lora_enabled
 
 from .taca import TemperatureSpec, repeat_for_batch, temperature_at
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf where a run needs numbers: the message says where they appeared and what to check."""
+
+
+def all_finite(*tensors: Tensor) -> bool:
+    """True unless a tensor holds NaN or Inf (one read from the device; meta tensors hold no values and pass)."""
+    return all(t.device.type == "meta" or bool(t.isfinite().all()) for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ def denoise(
     sigmas[0] -> the latents. sigmas: (N + 1,), on the CPU, so that every per-step decision (TACA's
     schedule, the LoRA gate, SLG's window) reads a host number and a GPU never waits between steps.
     temperature: TACA's, a number, a [2, 2] / [B, H, 2, 2] matrix or a function of t (sampling/taca.py).
+    Raises NonFiniteError, naming the first step, if the latents become NaN or Inf.
     """
     B, neg, slg = x.shape[0], guidance.negative, guidance.slg
     context, pooled = cond.context, cond.pooled
@@ -97,6 +109,7 @@ def denoise(
     n = context.shape[0]  # B, or 2B with CFG
     g = None if guidance.distilled is None else torch.full((n,), float(guidance.distilled), device=x.device)
     gate_lora = gate_lora and temperature is not None  # a run without TACA leaves any LoRA as it is
+    finite = torch.zeros((), dtype=torch.int64, device=x.device)  # steps after which x was still finite
     for i in tqdm(range(len(sigmas) - 1), disable=not progress, desc="sampling"):
         t, t_next = float(sigmas[i]), float(sigmas[i + 1])
         temp = temperature_at(temperature, t)  # None: plain attention in this step
@@ -111,4 +124,10 @@ def denoise(
                     v_skip = model(x, ts[:B], cond.context, cond.pooled, temperature=temp, skip_layers=slg.layers)
                     v = v + slg.scale * (v_pos - v_skip.float())
         x = x + (t_next - t) * v
+        finite += x.isfinite().all()  # on the device: no wait; NaN and Inf stay, so this counts the steps before
+    if x.device.type != "meta" and (k := int(finite)) < len(sigmas) - 1:  # the one read, after the loop
+        raise NonFiniteError(
+            f"the latents became NaN or Inf in step {k + 1} of {len(sigmas) - 1} (t = {float(sigmas[k]):.4g}): "
+            "check the weights of the model and of any LoRA, the guidance and TACA values, or compute in float32"
+        )
     return x

@@ -13,6 +13,11 @@ scheduling_flow_match_euler_discrete.py`, `FlowMatchEulerDiscreteScheduler`): FL
 where sigma_min is the shifted smallest training level t = 1/1000, so SD3's grid is shifted twice, as
 in SAI's `sd3_impls.py` and Diffusers' code. Every schedule returned here ends with 0 and has N + 1
 entries for N steps.
+
+Your own levels: Diffusers' `pipe(sigmas=...)` shifts the given levels with the model's shift (exp(mu)
+for FLUX-dev at that image size, 3.0 for SD3, none for schnell) before using them
+(`FlowMatchEulerDiscreteScheduler.set_timesteps`); `given_sigmas(levels, shift)` does the same, and with
+the default shift of 1 takes them as they are.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .limits import MAX_STEPS
 
 SD3_SHIFT = 3.0  # every released SD3/SD3.5 model
 NUM_TRAIN_TIMESTEPS = 1000
@@ -57,18 +64,22 @@ def sd3_sigmas(steps: int, shift: float = SD3_SHIFT) -> Tensor:
     return _with_zero(shift_sigmas(t, shift))
 
 
-def given_sigmas(sigmas: Sequence[float] | Tensor) -> Tensor:
-    """The user's own noise levels (decreasing, in (0, 1]), with the final 0 appended if missing."""
+def given_sigmas(sigmas: Sequence[float] | Tensor, shift: float = 1.0) -> Tensor:
+    """The user's own noise levels (decreasing, in (0, 1]; a final 0 is dropped), shifted by `shift`
+    (`shift_sigmas`; 1: as they are), then 0: (N + 1,) float32. At most `MAX_STEPS` levels."""
     s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     if s.numel() and s[-1] == 0:
         s = s[:-1]
     if not s.numel():
         raise ValueError("sigmas: give at least one noise level in (0, 1]")
-    if (s <= 0).any() or (s > 1).any() or (s[1:] >= s[:-1]).any():
+    if not ((s > 0) & (s <= 1)).all() or (s[1:] >= s[:-1]).any():  # NaN fails the first test
         raise ValueError(f"sigmas must decrease strictly and lie in (0, 1], got {s.tolist()}")
-    return _with_zero(s)
+    _check_steps(s.numel())
+    return _with_zero(shift_sigmas(s, shift))
 
 
 def _check_steps(steps: int) -> None:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be at most {MAX_STEPS}, got {steps}")

@@ -11,6 +11,7 @@ exactly plain attention, at no cost. The sampler (sampling/sampler.py) also gate
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,12 @@ class TacaSchedule:
 
     gamma: float = 1.2
     until: float = 0.97
+
+    def __post_init__(self):
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"TACA's gamma must be a finite number above 0 (paper: 1.2), got {self.gamma}")
+        if not math.isfinite(self.until):  # NaN would silently turn TACA off (no t >= NaN)
+            raise ValueError(f"TACA's until must be a finite noise level (paper: 0.97), got {self.until}")
 
     def __call__(self, t: float) -> float | None:
         return self.gamma if float(t) >= self.until else None

@@ -101,8 +101,9 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     out = tmp_path / "x.png"
     assert main(["sample", "a red circle", "--model", str(tmp_path / "absent"), "-o", str(out)]) == 2
     assert f"{tmp_path / 'absent'}: no such file or folder" in capsys.readouterr().err
-    assert main(["sample", "a red circle", "--steps", "0", "-o", str(out)]) == 2  # 0 is not "the default"
-    assert "steps must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:  # 0 is not "the default"; refused at parse time, before loading
+        main(["sample", "a red circle", "--steps", "0", "-o", str(out)])
+    assert exit.value.code == 2 and "argument --steps: must be at least 1, got 0" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -8,17 +8,21 @@ single-file layouts (BFL file + ae.safetensors; SAI file with bundled encoders a
 
 from __future__ import annotations
 
+import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
-from builders import rel_err
+from builders import randomize_, rel_err
 from pipeline_builders import PROMPTS, T5_LEN, built, flux_noise, pack, random_lora, unpack
 
-from convert.files import save_safetensors_atomic
+from convert.files import CheckpointError, save_safetensors_atomic
+from mmdit.flux import Flux
 from sampling import TacaSchedule, load_pipeline
 from sampling.parts import Part, find_parts
 from sampling.pipeline import DEFAULTS, FluxPipeline, SD3Pipeline, defaults_for, to_pil, variant_of
+from sampling.schedules import given_sigmas
 
 H, W = 64, 48
 TOL = 1e-4
@@ -294,3 +298,75 @@ def test_sampling_reads_nothing_back_from_the_device(kind):
     latents = pipe.generate(PROMPTS, height=H, width=W, steps=3, seed=0, temperature=TacaSchedule(1.2, 0.5),
                             output="latent", **slg)
     assert latents.device.type == "meta" and latents.shape == (2, 16, H // 8, W // 8)
+
+
+# ---- your own noise levels: sigmas= as Diffusers' (shifted), noise_levels= as given ----
+
+LEVELS = [1.0, 0.75, 0.5, 0.25]
+
+
+def test_flux_sigmas_are_shifted_as_diffusers(flux):
+    """`generate(sigmas=)` = Diffusers' `pipe(sigmas=)`: the levels shifted by exp(mu) of the image size."""
+    ref, _, pipe = flux
+    noise = flux_noise(2, H, W, seed=11)
+    ours = pipe.generate(PROMPTS, height=H, width=W, guidance=3.5, noise=noise, output="latent", sigmas=LEVELS)
+    theirs = flux_reference(ref, noise, None, "latent", guidance_scale=3.5, sigmas=LEVELS)
+    assert ref.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.826, 0.613, 0.345, 0.0], abs=1e-3)  # 12 image tokens
+    assert rel_err(ours, theirs) < TOL
+    shifted = given_sigmas(LEVELS, pipe.shift(H // 8, W // 8))  # (5,)
+    assert rel_err(shifted, ref.scheduler.sigmas) < 1e-6
+    as_given = pipe.generate(PROMPTS, height=H, width=W, guidance=3.5, noise=noise, output="latent",
+                             noise_levels=shifted[:-1])
+    assert torch.equal(as_given, ours)  # noise_levels: the levels as they are
+    unshifted = pipe.generate(PROMPTS, height=H, width=W, guidance=3.5, noise=noise, output="latent",
+                              noise_levels=LEVELS)
+    assert rel_err(unshifted, ours) > 1e-3
+    with pytest.raises(ValueError, match="not both"):
+        pipe.generate(PROMPTS, height=H, width=W, sigmas=LEVELS, noise_levels=LEVELS)
+
+
+def test_sd3_sigmas_are_shifted_as_diffusers(sd3):
+    ref, _, pipe = sd3
+    noise = flux_noise(2, H, W, seed=12)
+    ours = pipe.generate(PROMPTS, height=H, width=W, guidance=4.5, noise=noise, output="latent", sigmas=LEVELS)
+    theirs = sd3_reference(ref, noise, None, "latent", guidance_scale=4.5, sigmas=LEVELS)
+    assert ref.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-6)
+    assert rel_err(ours, theirs) < TOL
+    as_given = pipe.generate(PROMPTS, height=H, width=W, guidance=4.5, noise=noise, output="latent",
+                             noise_levels=[1.0, 0.9, 0.75, 0.5])
+    assert rel_err(as_given, ours) < 1e-6
+
+
+def test_schnell_sigmas_are_not_shifted():
+    ref, folder = built("flux-schnell")
+    pipe = load_pipeline(folder, max_sequence_length=T5_LEN)
+    noise = flux_noise(2, H, W, seed=13)
+    ours = pipe.generate(PROMPTS, height=H, width=W, noise=noise, output="latent", sigmas=LEVELS)
+    assert rel_err(ours, flux_reference(ref, noise, None, "latent", guidance_scale=0.0, sigmas=LEVELS)) < TOL
+    assert torch.equal(ours, pipe.generate(PROMPTS, height=H, width=W, noise=noise, output="latent", noise_levels=LEVELS))
+
+
+# ---- checkpoints this pipeline cannot run: refused before anything is loaded ----
+
+
+@pytest.mark.parametrize("in_channels,variant,needs", [
+    (384, "flux-fill", "inpainting mask and the masked image"),
+    (128, "flux-depth/canny", "control image's latents"),
+    (192, "flux-dev-like", "inputs beside the noisy latents"),
+])
+def test_variants_with_extra_inputs_are_refused_before_loading(flux, tmp_path, monkeypatch, in_channels, variant, needs):
+    """A FLUX Fill / Depth / Canny file, with everything else it needs beside it: refused naming the variant
+    and its extra inputs, before the transformer, the encoders or the autoencoder are loaded."""
+    _, folder, pipe = flux
+    params = replace(pipe.transformer.params, in_channels=in_channels)
+    file = tmp_path / "flux1-variant-dev.safetensors"
+    save_safetensors_atomic({k: v for k, v in randomize_(Flux(params)).state_dict().items()}, file)
+    save_safetensors_atomic(pipe.autoencoder.state_dict(), tmp_path / "ae.safetensors")
+    for d in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        shutil.copytree(folder / d, tmp_path / d)
+    loaded = []
+    for name in ("load_transformer", "load_text_encoder", "load_autoencoder", "load_tokenizer"):
+        monkeypatch.setattr(f"sampling.loading.{name}", lambda *a, name=name, **k: loaded.append(name))
+    with pytest.raises(CheckpointError, match=rf"{file}: a {re.escape(variant)}.*{in_channels} input channels.*{needs}"):
+        load_pipeline(file)
+    assert loaded == []
