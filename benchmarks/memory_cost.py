@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory_cost            # full size (1024x1024, bf16): seconds on a CPU, no GPU
     python -m benchmarks.memory_cost --tiny --out -
+    python -m benchmarks.memory_cost --measure  # on a GPU: the measured peaks beside the computed ones
 
 Computed, not measured. Every part is built at full size on the meta device (shapes only, no memory):
 the transformer, T5-XXL, CLIP-L and the autoencoder, random weights in bf16, batch 1. For each part:
@@ -23,6 +24,12 @@ a q-sized output, no L x L matrix; `_fused_rms_norm`: an x-sized output), as in 
 their meta decompositions would allocate the logits and fp32 intermediates. The pipeline peak of an offload
 mode (sampling/offload.py) is then the weights on the device during a phase + that phase's activation
 peak, the largest over the phases. Ignored: what crosses phases (prompt embeddings, latents: a few MB).
+
+`--measure` also runs the pipeline (benchmarks/step_time.py's `bench_pipeline`: random weights, random
+token ids, `--pipeline-steps` steps, one warm-up image then one timed) for each `--offload` mode and puts
+its `torch.cuda.max_memory_allocated` and `max_memory_reserved` (weights included) beside the computed
+peak of that mode: its own block, "FLUX.1-dev pipeline memory (measured)". Peak memory does not grow
+with the number of steps, so a few steps measure what 28 would.
 """
 
 from __future__ import annotations
@@ -48,11 +55,12 @@ from .step_cost import StepCost, _fused_ops_counted
 from .step_time import (
     LATENT,
     ROOT,
-    SECTION,
     TEXT_TOKENS,
     TINY_LATENT,
     TINY_TEXT_TOKENS,
     Inputs,
+    PipelineResult,
+    bench_pipeline,
     build_ours,
     default_dtype,
     environment,
@@ -60,11 +68,13 @@ from .step_time import (
     model_params,
     ours_step,
     pipeline_configs,
+    publish,
     tensor_bytes,
-    write_section,
 )
+from .step_time import parse_args as step_time_args
 
 TITLE = "FLUX.1-dev pipeline memory (computed, meta device)"
+MEASURED = "FLUX.1-dev pipeline memory (measured)"
 GOAL_GB = 26.0
 MODES = OFFLOAD
 ENCODERS = ("t5", "clip_l")
@@ -246,18 +256,77 @@ def block(parts: list[Part], env: list[str], tiny: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> list[Part]:
+# ---- measured on a GPU, beside the computed figures ----
+
+
+def measure_pipeline(args: argparse.Namespace) -> list[PipelineResult]:
+    """step_time's pipeline run for each of `args.offload`: one warm-up image, one timed."""
+    argv = ["--models", "none", "--pipeline", "--offload", *args.offload, "--pipeline-steps", str(args.pipeline_steps),
+            "--pipeline-images", "1", "--device", args.device, "--out", "-", *(["--tiny"] if args.tiny else [])]
+    st_args = step_time_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return bench_pipeline(st_args, device, dtype)
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def measured_table(parts: list[Part], results: list[PipelineResult], goal_gb: float = GOAL_GB) -> str:
+    lines = ["| offload | max allocated GB | max reserved GB | computed GB | allocated / computed "
+             f"| <= {goal_gb:g} GB (allocated) | s/image | rel err vs first row | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        computed = mode_peak(parts, r.offload) / GB
+        ratio = f"{r.peak_gb / computed:.3f}" if r.peak_gb is not None else "-"
+        goal = "-" if r.peak_gb is None else ("yes" if r.peak_gb <= goal_gb else "no")
+        lines.append(f"| {r.offload or 'none'} | {_num(r.peak_gb, '.2f')} | {_num(r.reserved_gb, '.2f')} "
+                     f"| {computed:.2f} | {ratio} | {goal} | {_num(r.seconds, '.2f')} | {_num(r.rel_err, '.1e')} "
+                     f"| {r.note} |")
+    return "\n".join(lines)
+
+
+def measured_block(parts: list[Part], results: list[PipelineResult], env: list[str], tiny: bool) -> str:
+    first = results[0]
+    lines = [
+        f"### {MEASURED}", "",
+        (f"Measured: FLUX.1-dev text to image (`sampling.FluxPipeline`) with random weights, bf16 on a GPU (CLIP-L, "
+         f"T5-XXL, transformer, autoencoder), random token ids, {first.size}, batch 1, {first.steps} steps (the peak "
+         "does not grow with the steps); one warm-up image, then one timed image whose peak is read: "
+         "`torch.cuda.max_memory_allocated` and `max_memory_reserved`, everything on the device (weights included, "
+         "the allocator's cache emptied first). Computed: this module's figure for the same mode "
+         f"(block \"{TITLE}\"). `rel err`: the image against the first mode's (offloading must not change it). "
+         "1 GB = 1e9 bytes."),
+    ]
+    if tiny:
+        lines += ["", "Reduced sizes (`--tiny`): a smoke run, not the figures of issue 17."]
+    lines += ["", *env, "", measured_table(parts, results)]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="reduced sizes (as step_time's tiny configs)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="'-' to write nothing")
-    args = ap.parse_args(argv)
+    ap.add_argument("--append", type=Path, help="also append each block to this file as soon as it is done")
+    ap.add_argument("--measure", action="store_true", help="also run the pipeline and measure its peaks (a GPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --measure")
+    ap.add_argument("--offload", nargs="+", default=["none", "encoders", "stream-encoders"],
+                    choices=["none", *(m for m in MODES if m)], help="the modes --measure runs")
+    ap.add_argument("--pipeline-steps", type=int, default=4, help="steps of each --measure image")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Part]:
+    args = parse_args(argv)
     command = " ".join(["python -m benchmarks.memory_cost", *(sys.argv[1:] if argv is None else argv)])
     parts = pipeline_parts(args.tiny)
-    text = block(parts, environment(torch.device("meta"), command), args.tiny)
-    print(text)
-    if str(args.out) != "-":
-        write_section(args.out, {TITLE: text})
-        print(f"wrote the block {TITLE!r} of the section {SECTION!r} of {args.out}")
+    publish(TITLE, block(parts, environment(torch.device("meta"), command), args.tiny), args.out, args.append)
+    if args.measure:
+        results = measure_pipeline(args)
+        env = environment(torch.device(args.device), command)
+        publish(MEASURED, measured_block(parts, results, env, args.tiny), args.out, args.append)
     return parts
 
 

@@ -1,9 +1,13 @@
 """Step time, TACA overhead and memory of our MM-DiT transformers, side by side with Diffusers' (issue 7).
 
-    python -m benchmarks.step_time --models flux-dev sd3.5-large sd3.5-medium --compile --steps 10
+    python -m benchmarks.step_time --models flux-dev sd3.5-large sd3.5-medium --compile
+    python -m benchmarks.step_time --models flux-dev --modes compiled --compile-blocks    # compiled rows only
+    python -m benchmarks.step_time --models sd3.5-large --batch 2    # a CFG step (conditional + unconditional)
     python -m benchmarks.step_time --tiny --device cpu    # reduced sizes: a smoke run of the harness
     python -m benchmarks.step_time --models none --pipeline    # the full FLUX pipeline only
     python -m benchmarks.step_time --cost    # what an eager step asks of a GPU, counted on the meta device
+    python -m benchmarks.step_time --models flux-dev --profile    # and the top kernels of one eager step
+    bash benchmarks/gpu_suite.sh /tmp/gpu_suite/gpu_suite.md    # every GPU block of issue 17 (see that script)
 
 Per model (random weights, 1024x1024: 128x128 latents = 4096 image tokens; 512 text tokens for FLUX,
 333 for SD3), ours is built straight on the device in the benchmark dtype (bf16 on a GPU: the 12B
@@ -18,16 +22,20 @@ in bf16 FLUX differs more, as Diffusers (like BFL) rounds 1000 t and 1000 guidan
 Variants: ours plain and with TACA (`temperature=1.2`, the split-SDPA path of mmdit/attention.py);
 Diffusers plain; in eager mode also Diffusers with TACA the paper's unfused way (explicit logits,
 `F.scaled_dot_product_attention` swapped for `softmax(T * q k^T / sqrt(d)) v` during its calls).
-`--compile` adds `torch.compile(model)` of each (not the explicit-logits one), compile warm-up excluded;
+`--modes eager compiled` picks the modes timed (default: eager; `--compile` adds compiled);
+compiled is `torch.compile(model)` of each (not the explicit-logits one), compile warm-up excluded;
 `--compile-mode` picks torch.compile's mode for both (e.g. `max-autotune`: longer warm-up);
 `--compile-blocks` compiles each repeated block in place instead of the whole model (regional
 compilation, as Diffusers' `compile_repeated_blocks`): one compile per block class, so seconds to a
 minute of warm-up where a whole 12B model takes minutes.
 
-Timing: `torch.cuda.synchronize()` (a no-op on CPU) and `time.perf_counter` around each step, median
-of `--steps` after `--warmup`. Peak memory (CUDA only): the model's own weights plus the peak of what
-the steps allocate above what was allocated before them (`max_memory_allocated` after
-`reset_peak_memory_stats`), so the shared weights are counted once per model, as if it were alone.
+Timing: on CUDA a pair of CUDA events around each step (`torch.cuda.Event(enable_timing=True)`), the
+steps queued back to back as a sampling loop runs them and read after one synchronize; on a CPU
+`time.perf_counter` around each step. The median of `--steps` (default 20) after `--warmup`. Peak
+memory (CUDA only): the model's own weights plus the peak of what the steps allocate above what was
+allocated before them (`max_memory_allocated` after `reset_peak_memory_stats`), so the shared weights
+are counted once per model, as if it were alone; `reserved GB` likewise from `max_memory_reserved`,
+the allocator's cache emptied first (what the process holds from the driver, fragmentation included).
 Also reported: graph breaks of `torch._dynamo.explain` on a tiny model of the same layout (plain,
 float and tensor temperature), and on CUDA the host-device syncs of one eager step
 (`torch.cuda.set_sync_debug_mode`).
@@ -39,15 +47,20 @@ whole for its phase): seconds per image and peak memory.
 
 The cost model (`--cost`, no GPU needed): one eager step at full size, ours and Diffusers', counted op
 by op on the meta device (benchmarks/step_cost.py): kernels, matmul and attention FLOPs, bytes moved.
+The profile (`--profile`): one eager step of ours, plain and TACA, under `torch.profiler`: the kernels
+that take the most device time (on a CPU: the ATen ops), where a goal is missed.
 
-Results go to the "## Step time (GPU)" section of `--out` (one `###` block per model, replaced by a
-run of that model; other sections and blocks are kept), with device, driver, versions, date and command.
+Results go to the "## Step time (GPU)" section of `--out` (one `###` block per model and mode, replaced
+by a run of the same; other sections and blocks are kept), with device, driver, versions, date and
+command; `--append PATH` also appends each block to PATH as soon as it is measured (a run cut short
+keeps the blocks it finished: benchmarks/gpu_suite.sh).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import math
 import os
 import re
@@ -69,6 +82,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import mmdit
+from convert.files import write_atomic
 from mmdit.autoencoder import AutoEncoder, AutoEncoderParams
 from mmdit.autoencoder import preset as ae_preset
 from mmdit.clip import CLIP_PRESETS, CLIPConfig, CLIPTextEncoder
@@ -88,6 +102,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Step time (GPU)"
 PIPELINE = "FLUX.1-dev pipeline"
 MODELS = ("flux-dev", "sd3.5-large", "sd3.5-medium")
+# FLUX.2 [klein] 4B (issue 17, its rows added once mmdit.flux2 lands): add "flux2-klein-4b" to MODELS, its
+# preset to `model_params`, its text length to TEXT_TOKENS / TINY_TEXT_TOKENS, its latent channels to
+# `make_inputs`, and a "flux2" branch (Diffusers' Flux2Transformer2DModel) to `diffusers_twin` and
+# `diffusers_step`; benchmarks/gpu_suite.sh's `flux2-klein` block then runs it.
 GAMMA = 1.2  # TACA's temperature in the timed runs (the paper's FLUX value)
 TEXT_TOKENS = {"flux": 512, "sd3": 333}  # 1024x1024 prompts: T5 512 (FLUX-dev); 77 CLIP + 256 T5 (SD3)
 LATENT = 128  # 1024 px / 8
@@ -158,7 +176,8 @@ def input_sizes(params, args: argparse.Namespace) -> tuple[int, int, str]:
     """(latent side, text tokens, a description) of the benchmark inputs: full size, or `--tiny`."""
     latent = TINY_LATENT if args.tiny else LATENT
     n_txt = (TINY_TEXT_TOKENS if args.tiny else TEXT_TOKENS)[params.family]
-    shape = f"batch {args.batch}, {latent}x{latent} latents ({(latent // 2) ** 2} image tokens), {n_txt} text tokens"
+    batch = f"batch {args.batch}" + (" (one CFG step: conditional and unconditional halves)" if args.batch == 2 else "")
+    shape = f"{batch}, {latent}x{latent} latents ({(latent // 2) ** 2} image tokens), {n_txt} text tokens"
     return latent, n_txt, shape
 
 
@@ -262,27 +281,45 @@ def tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+@dataclass
+class Measured:
+    seconds: float  # median per step (or per image)
+    peak_gb: float | None  # max_memory_allocated (CUDA only)
+    reserved_gb: float | None  # max_memory_reserved (CUDA only)
+
+
 def measure(
     step: Step, device: torch.device, warmup: int, steps: int, weight_bytes: int, absolute: bool = False
-) -> tuple[float, float | None]:
-    """(median seconds per step, peak GB or None off CUDA); the warm-up (compilation included) is not timed.
-    Peak: `weight_bytes` + what the steps allocate above what was allocated before them, or with
-    `absolute` everything allocated on the device at the peak."""
+) -> Measured:
+    """The median seconds per step and the peak memory; the warm-up (compilation included) is not timed.
+    On CUDA each step lies between two CUDA events, the steps queued back to back and read after one
+    synchronize; elsewhere `time.perf_counter` around each step. Peak: `weight_bytes` + what the steps
+    allocate (reserve) above what was allocated (reserved, the cache emptied) before them, or with
+    `absolute` everything allocated (reserved) on the device at the peak."""
     for _ in range(warmup):
         step()
     synchronize(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        base = 0 if absolute else torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
+    if device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        return Measured(statistics.median(times), None, None)
+    torch.cuda.empty_cache()
+    base = 0 if absolute else torch.cuda.memory_allocated(device)
+    base_reserved = 0 if absolute else torch.cuda.memory_reserved(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for start, end in events:
+        start.record()
         step()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 1e9 if cuda else None
-    return statistics.median(times), peak
+        end.record()
+    synchronize(device)
+    seconds = statistics.median(start.elapsed_time(end) / 1e3 for start, end in events)  # elapsed_time: ms
+    peak = (torch.cuda.max_memory_allocated(device) - base + weight_bytes) / 1e9
+    reserved = (torch.cuda.max_memory_reserved(device) - base_reserved + weight_bytes) / 1e9
+    return Measured(seconds, peak, reserved)
 
 
 def host_syncs(step: Step) -> int:
@@ -331,6 +368,7 @@ class Row:
     seconds: float
     peak_gb: float | None
     rel_err: float | None  # vs Diffusers eager (with explicit TACA for TACA rows); None: it is the reference
+    reserved_gb: float | None = None
 
 
 @dataclass
@@ -342,6 +380,32 @@ class ModelResult:
     taca_effect: float  # rel. difference of TACA's output from plain (Diffusers eager): the TACA check means something
     graph_breaks: dict[str, list[str]] = field(default_factory=dict)
     syncs: dict[str, int] = field(default_factory=dict)
+    title: str = ""  # of its RESULTS.md block: the model, and the mode where only compiled rows were timed
+    compiled_frames: list[str] = field(default_factory=list)  # what dynamo compiled: "frame: recompiled because"
+
+
+def timed_modes(args: argparse.Namespace) -> list[str]:
+    """`--modes`, or eager (+ compiled with `--compile`)."""
+    return args.modes or ["eager", *(["compiled"] if args.compile else [])]
+
+
+def block_title(name: str, args: argparse.Namespace) -> str:
+    """The model's RESULTS.md block: `name`, or with the compiled rows alone `name (compiled[, blocks])`."""
+    if timed_modes(args) != ["compiled"]:
+        return name
+    return f"{name} (compiled{', blocks' if args.compile_blocks else ''})"
+
+
+def compiled_frames() -> list[str]:
+    """The frames dynamo compiled since its last reset (`folder/file.py:line function`), each with the reason
+    it was compiled again, if it was. A graph break shows as a `torch_dynamo_resume_in_...` frame."""
+    frames = []
+    for m in torch._dynamo.utils.get_compilation_metrics():
+        where = Path(m.co_filename or "?")
+        again = (m.recompile_reason or "").strip().splitlines()
+        frames.append(f"{where.parent.name}/{where.name}:{m.co_firstlineno} {m.co_name}"
+                      + (f" (recompiled: {again[0].split('#')[0].strip()})" if again else ""))
+    return frames
 
 
 def compile_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -377,21 +441,25 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
     reference = {"-": variants["diffusers", "-"][1](ref)(), taca: variants["diffusers", explicit][1](ref)()}
     reference[explicit] = reference[taca]
 
-    result = ModelResult(name, dtype, shape, [], taca_effect=rel_err(reference[taca], reference["-"]))
-    modes = ["eager", "compiled"] if args.compile else ["eager"]
-    for mode in modes:
+    result = ModelResult(name, dtype, shape, [], taca_effect=rel_err(reference[taca], reference["-"]),
+                         title=block_title(name, args))
+    for mode in timed_modes(args):
+        torch._dynamo.reset()
+        torch._dynamo.utils.clear_compilation_metrics()
         compiled = {id(m): compile_model(m, args) for m in (ours, ref)} if mode == "compiled" else {}
         for (impl, column), (module, make) in variants.items():
             if mode == "compiled" and column == explicit:
                 continue
             step = make(compiled.get(id(module), module))
-            seconds, peak = measure(step, device, args.warmup, args.steps, tensor_bytes(module))
+            timed = measure(step, device, args.warmup, args.steps, tensor_bytes(module))
             is_ref = mode == "eager" and impl == "diffusers"
             err = None if is_ref else rel_err(step(), reference[column])
-            result.rows.append(Row(name, impl, mode, column, seconds, peak, err))
+            result.rows.append(Row(name, impl, mode, column, timed.seconds, timed.peak_gb, err, timed.reserved_gb))
             if device.type == "cuda" and mode == "eager" and column != explicit:
                 result.syncs[f"{impl} {'TACA' if column == taca else 'plain'}"] = host_syncs(step)
             print(format_row(result.rows[-1], result.rows), flush=True)
+        if mode == "compiled":
+            result.compiled_frames = compiled_frames()
         torch._dynamo.reset()
     return result
 
@@ -422,6 +490,60 @@ def bench_cost(name: str, args: argparse.Namespace) -> CostResult:
     return CostResult(name, shape, costs)
 
 
+# ---- where one eager step spends its time: torch.profiler ----
+
+
+@dataclass
+class Kernel:
+    name: str
+    calls: int
+    seconds: float  # self time over the step: on the device for a CUDA kernel, on the host for a CPU op
+
+
+@dataclass
+class ProfileResult:
+    name: str
+    shape: str
+    device: str  # "cuda": CUDA kernels by device time; "cpu": ATen ops by host time
+    kernels: dict[str, list[Kernel]]  # TACA column ("-", "1.2") -> every kernel (op) of one step, slowest first
+
+
+def step_kernels(prof: torch.profiler.profile, cuda: bool) -> list[Kernel]:
+    """The kernels of a profiled step, slowest first: CUDA kernels by self device time (if the profiler saw
+    none, the ops by the device time under them), or on a CPU the ATen ops by self host time."""
+    kernels, ops = [], []
+    for e in prof.key_averages():
+        device_us, host_us = e.self_device_time_total, e.self_cpu_time_total  # the profiler counts microseconds
+        if e.device_type == (torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU):
+            if cuda or e.key.startswith("aten::"):
+                kernels.append(Kernel(e.key, e.count, (device_us if cuda else host_us) / 1e6))
+        if e.key.startswith("aten::") and e.device_time_total > 0:
+            ops.append(Kernel(e.key, e.count, e.device_time_total / 1e6))
+    return sorted(kernels if kernels or not cuda else ops, key=lambda k: k.seconds, reverse=True)
+
+
+@torch.no_grad()
+def bench_profile(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> ProfileResult:
+    """Ours, plain and TACA, one eager step each under `torch.profiler` after `--warmup` steps."""
+    params = model_params(name, args.tiny)
+    latent, n_txt, shape = input_sizes(params, args)
+    ours = build_ours(params, device, dtype, args.seed)
+    inp = make_inputs(params, latent, n_txt, device, dtype, args.batch, args.seed + 1)
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU, *([torch.profiler.ProfilerActivity.CUDA] if cuda else [])]
+    kernels = {}
+    for column, temperature in (("-", None), (f"{GAMMA}", GAMMA)):
+        step = ours_step(ours, inp, temperature)
+        for _ in range(max(args.warmup, 1)):
+            step()
+        synchronize(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            synchronize(device)
+        kernels[column] = step_kernels(prof, cuda)
+    return ProfileResult(name, shape, device.type, kernels)
+
+
 # ---- the FLUX pipeline ----
 
 
@@ -447,6 +569,7 @@ class PipelineResult:
     peak_gb: float | None
     rel_err: float | None = None  # the image against the first mode's: offloading must not change it
     note: str = ""
+    reserved_gb: float | None = None
 
 
 def pipeline_configs(params, tiny: bool) -> tuple[T5Config, CLIPConfig, AutoEncoderParams]:
@@ -465,7 +588,8 @@ def pipeline_configs(params, tiny: bool) -> tuple[T5Config, CLIPConfig, AutoEnco
 @torch.no_grad()
 def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[PipelineResult]:
     """FLUX-dev text to image with random weights, for each `--offload` mode: one warm-up image, then the
-    median of `--pipeline-images`; peak: everything the pipeline holds on the device, weights included."""
+    median of `--pipeline-images`; peak: everything the pipeline holds on the device, weights included
+    (allocated and reserved, the allocator's cache emptied before each mode's timed images)."""
     params = model_params("flux-dev", args.tiny)
     t5_cfg, clip_cfg, ae_params = pipeline_configs(params, args.tiny)
     size = 8 * (TINY_LATENT if args.tiny else LATENT)
@@ -495,9 +619,10 @@ def bench_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
             torch.cuda.empty_cache()
         size_text = f"{size}x{size}"
         try:
-            seconds, peak = measure(image, device, 1, args.pipeline_images, 0, absolute=True)
+            timed = measure(image, device, 1, args.pipeline_images, 0, absolute=True)
             err = rel_err(images[mode], images[args.offload[0]]) if mode != args.offload[0] else None
-            results.append(PipelineResult(offload, size_text, args.pipeline_steps, seconds, peak, err))
+            results.append(PipelineResult(offload, size_text, args.pipeline_steps, timed.seconds, timed.peak_gb, err,
+                                          reserved_gb=timed.reserved_gb))
         except torch.OutOfMemoryError as e:
             results.append(PipelineResult(offload, size_text, args.pipeline_steps, None, None, f"out of memory: {e}"))
         print(pipeline_row(results[-1]), flush=True)
@@ -525,8 +650,9 @@ def ratios(row: Row, rows: list[Row]) -> tuple[float | None, float | None]:
 
 
 HEADER = (
-    "| model | impl | mode | TACA | s/step (median) | x Diffusers | TACA / plain | peak GB | rel err vs Diffusers |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| model | impl | mode | TACA | s/step (median) | x Diffusers | TACA / plain | peak GB | reserved GB "
+    "| rel err vs Diffusers |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -534,7 +660,7 @@ def format_row(row: Row, rows: list[Row]) -> str:
     vs_d, vs_p = ratios(row, rows)
     err = "(reference)" if row.rel_err is None else f"{row.rel_err:.1e}"
     return (f"| {row.model} | {row.impl} | {row.mode} | {row.taca} | {row.seconds:.4f} | {_num(vs_d, '.2f')} "
-            f"| {_num(vs_p, '.2f')} | {_num(row.peak_gb, '.1f')} | {err} |")
+            f"| {_num(vs_p, '.2f')} | {_num(row.peak_gb, '.1f')} | {_num(row.reserved_gb, '.1f')} | {err} |")
 
 
 def table(rows: list[Row]) -> str:
@@ -551,9 +677,17 @@ def nvidia_driver() -> str:
     return out.stdout.strip().splitlines()[0]
 
 
-def environment(device: torch.device, command: str) -> list[str]:
-    import diffusers
+def diffusers_version() -> str:
+    """The Diffusers in use if imported, else the one installed (importing it takes seconds: not for a version)."""
+    if "diffusers" in sys.modules:
+        return sys.modules["diffusers"].__version__
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
+
+def environment(device: torch.device, command: str) -> list[str]:
     if device.type == "cuda":
         prop = torch.cuda.get_device_properties(device)
         memory = prop.total_memory / 2**30
@@ -564,7 +698,7 @@ def environment(device: torch.device, command: str) -> list[str]:
         where = f"CPU: {machine()}"
     return [
         f"- Device: {where}",
-        f"- torch {torch.__version__}, diffusers {diffusers.__version__}, Python {sys.version.split()[0]}",
+        f"- torch {torch.__version__}, diffusers {diffusers_version()}, Python {sys.version.split()[0]}",
         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Command: `{command}`",
     ]
@@ -573,6 +707,8 @@ def environment(device: torch.device, command: str) -> list[str]:
 def model_notes(res: ModelResult) -> list[str]:
     """The lines under the table: TACA's effect, graph breaks, host-device syncs."""
     notes = [f"- TACA {GAMMA} changes the output by {res.taca_effect:.1e} (relative to plain; Diffusers eager)"]
+    if res.compiled_frames:
+        notes.append(f"- Compiled by dynamo ({len(res.compiled_frames)} frames): " + "; ".join(res.compiled_frames))
     if res.graph_breaks:
         counts = (f"{k}: {len(v)}" + (f" ({', '.join(v)})" if v else "") for k, v in res.graph_breaks.items())
         notes.append("- Graph breaks (`torch._dynamo.explain`, tiny model of this layout): " + "; ".join(counts))
@@ -582,19 +718,21 @@ def model_notes(res: ModelResult) -> list[str]:
 
 
 def model_block(res: ModelResult, env: list[str], tiny: bool) -> str:
-    lines = [f"### {res.name}", "", f"{res.shape}, {str(res.dtype).removeprefix('torch.')}, random weights."]
+    lines = [f"### {res.title or res.name}", "",
+             f"{res.shape}, {str(res.dtype).removeprefix('torch.')}, random weights."]
     if tiny:
         lines.append("Reduced sizes (`--tiny`): a smoke run of the harness, not the figures of issue 7.")
     lines += ["", *env, "", table(res.rows), "", *model_notes(res)]
     return "\n".join(lines) + "\n"
 
 
-PIPELINE_HEADER = "| offload | s/image (median) | peak GB | rel err vs first row | note |\n|---|---|---|---|---|"
+PIPELINE_HEADER = ("| offload | s/image (median) | peak GB | reserved GB | rel err vs first row | note |\n"
+                   "|---|---|---|---|---|---|")
 
 
 def pipeline_row(res: PipelineResult) -> str:
     return (f"| {res.offload or 'none'} | {_num(res.seconds, '.3f')} | {_num(res.peak_gb, '.1f')} | "
-            f"{_num(res.rel_err, '.1e')} | {res.note} |")
+            f"{_num(res.reserved_gb, '.1f')} | {_num(res.rel_err, '.1e')} | {res.note} |")
 
 
 def pipeline_block(results: list[PipelineResult], env: list[str], tiny: bool) -> str:
@@ -605,8 +743,8 @@ def pipeline_block(results: list[PipelineResult], env: list[str], tiny: bool) ->
         "`offload` (sampling/offload.py): `encoders`: the text encoders live on the CPU and are copied whole to "
         "the device to encode; `stream-encoders`: copied one block at a time; `model`: every part lives on the "
         "CPU and is copied whole for its phase; `none`: all on the device. Peak: `max_memory_allocated` over "
-        "whole images, weights included. The goal (<= 26 GB) is for the FLUX pipeline with its text encoders "
-        "moved off the device after encoding."),
+        "whole images, weights included; reserved: `max_memory_reserved`. The goal (<= 26 GB) is for the FLUX "
+        "pipeline with its text encoders moved off the device after encoding."),
     ]
     if tiny:
         lines.append("Reduced sizes (`--tiny`): a smoke run of the harness, not the figures of issue 7.")
@@ -651,15 +789,51 @@ def cost_block(results: list[CostResult], env: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_title(name: str) -> str:
+    return f"{name}: one eager step, top kernels (torch.profiler)"
+
+
+def profile_block(res: ProfileResult, env: list[str], tiny: bool, top: int = 12) -> str:
+    cuda = res.device == "cuda"
+    what = "CUDA kernels by self device time" if cuda else "ATen ops by self host time (no GPU: the CPU's ops)"
+    total = {column: sum(k.seconds for k in kernels) for column, kernels in res.kernels.items()}
+    lines = [
+        f"### {profile_title(res.name)}", "",
+        f"Ours, plain and TACA {GAMMA}, one eager step each after the warm-up, under `torch.profiler`; {res.shape}, "
+        f"random weights. The {top} {what}; `% step`: of the sum over all of them in that step.",
+    ]
+    if tiny:
+        lines.append("Reduced sizes (`--tiny`): a smoke run of the harness, not the figures of issue 17.")
+    plain, taca = total["-"], total[f"{GAMMA}"]
+    lines += ["", *env, "",
+              f"- In kernels: plain {plain * 1e3:.2f} ms, TACA {taca * 1e3:.2f} ms "
+              f"(TACA / plain {_num(taca / plain if plain else None, '.3f')})"]
+    for column, kernels in res.kernels.items():
+        lines += ["", f"TACA {column}:" if column != "-" else "Plain:", "",
+                  "| # | kernel | calls | ms | % step |", "|---|---|---|---|---|"]
+        for i, k in enumerate(kernels[:top], 1):
+            name = k.name if len(k.name) <= 100 else k.name[:97] + "..."
+            share = 100 * k.seconds / total[column] if total[column] else 0.0
+            lines.append(f"| {i} | `{name.replace('|', '/')}` | {k.calls} | {k.seconds * 1e3:.3f} | {share:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 INTRO = f"""{SECTION}
 
-Written by `python -m benchmarks.step_time` (see benchmarks/README.md and the module docstring for
-the method); one block per model or measure, each from its own run. Timed blocks need a GPU; a block
-that is missing has not been run yet. `x Diffusers`: our step over Diffusers' plain step in the same
-mode; `TACA / plain`: a TACA step over the plain step of the same implementation and mode.
+Written by `python -m benchmarks.step_time` and `python -m benchmarks.memory_cost` (see benchmarks/README.md
+and the module docstrings for the method; `benchmarks/gpu_suite.sh` runs every GPU block in one go); one
+block per model, mode or measure. Timed blocks need a GPU; a block that is missing has not been run yet.
+`x Diffusers`: our step over Diffusers' plain step in the same mode; `TACA / plain`: a TACA step over the
+plain step of the same implementation and mode.
 
 Goals of issue 7: {GOALS}.
 """
+
+
+def block_order(title: str) -> tuple[int, str]:
+    """Models first (in MODELS' order, each with its other modes and measures), then the pipeline, the cost."""
+    order = [*MODELS, PIPELINE, COST]
+    return next((i for i, prefix in enumerate(order) if title.startswith(prefix)), len(order)), title
 
 
 def write_section(path: Path, blocks: dict[str, str]) -> None:
@@ -671,13 +845,28 @@ def write_section(path: Path, blocks: dict[str, str]) -> None:
     for part in re.split(r"^(?=### )", found[0] if found else "", flags=re.MULTILINE)[1:]:
         kept[part.split("\n", 1)[0].removeprefix("### ").strip()] = part.rstrip("\n") + "\n"
     kept.update(blocks)
-    order = [*MODELS, PIPELINE, COST]
-    titles = sorted(kept, key=lambda t: (order.index(t) if t in order else len(order), t))
-    text = "\n".join([INTRO, *(kept[t] for t in titles)]) + "\n"  # a blank line before the next section
+    text = "\n".join([INTRO, *(kept[t] for t in sorted(kept, key=block_order))]) + "\n"  # blank line before next
     new = pattern.sub(lambda _: text, old) if found else old.rstrip("\n") + "\n\n" + text
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(new))
+
+
+def append_block(path: Path | None, text: str) -> None:
+    """Append a finished block to `path` at once (flushed and synced), so a run cut short keeps it."""
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.write(text.rstrip("\n") + "\n\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def publish(title: str, text: str, out: Path, append: Path | None) -> None:
+    """A block is done: print it, append it to `append`, put it in its section of `out` (unless `out` is '-')."""
+    print(text, flush=True)
+    append_block(append, text)
+    if str(out) != "-":
+        write_section(out, {title: text})
+        print(f"wrote the block {title!r} of the section {SECTION!r} of {out}")
 
 
 # ---- command line ----
@@ -687,12 +876,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {' '.join(MODELS)} (or 'none')")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    ap.add_argument("--modes", nargs="+", choices=["eager", "compiled"],
+                    help="the modes to time (default: eager, and compiled with --compile)")
     ap.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile's mode for both implementations (default: its default)")
     ap.add_argument("--compile-blocks", action="store_true",
                     help="compile each repeated block instead of the whole model, for both (a much shorter warm-up)")
     ap.add_argument("--compile-backend", default="inductor", help="torch.compile's backend ('eager': a smoke test)")
-    ap.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens in them)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tiny", action="store_true", help="reduced sizes (two blocks, 16x16 latents)")
@@ -708,8 +899,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the torch._dynamo.explain check")
     ap.add_argument("--cost", action="store_true",
                     help="only count what one eager step asks of a GPU, on the meta device (no timing, no GPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one eager step of ours per model, plain and TACA (the top kernels)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md", help="'-' to write nothing")
+    ap.add_argument("--append", type=Path, help="also append each block to this file as soon as it is measured")
     args = ap.parse_args(argv)
     args.models = [m for m in args.models if m != "none"]
     for m in args.models:
@@ -722,6 +916,7 @@ class Results:
     models: list[ModelResult] = field(default_factory=list)
     pipeline: list[PipelineResult] = field(default_factory=list)
     cost: list[CostResult] = field(default_factory=list)
+    profiles: list[ProfileResult] = field(default_factory=list)
 
 
 def main(argv: list[str] | None = None) -> Results:
@@ -729,14 +924,17 @@ def main(argv: list[str] | None = None) -> Results:
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     command = " ".join(["python -m benchmarks.step_time", *(sys.argv[1:] if argv is None else argv)])
-    out, blocks = Results(), {}
+    out = Results()
+
+    def finished(title: str, text: str) -> None:
+        publish(title, text, args.out, args.append)
+
     if args.cost:
         out.cost = [bench_cost(name, args) for name in args.models]
-        blocks[COST] = cost_block(out.cost, environment(torch.device("meta"), command))
-        print(blocks[COST])
-    elif args.models:
+        finished(COST, cost_block(out.cost, environment(torch.device("meta"), command)))
+        return out
+    for name in args.models:
         print(HEADER)
-    for name in [] if args.cost else args.models:
         res = bench_model(name, args, device, dtype)
         gc.collect()  # both models go before the next one is built
         if device.type == "cuda":
@@ -744,15 +942,13 @@ def main(argv: list[str] | None = None) -> Results:
         if args.graph_breaks:
             res.graph_breaks = graph_breaks(name, device, dtype)
         out.models.append(res)
-        blocks[name] = model_block(res, environment(device, command), args.tiny)
-        print("\n".join(model_notes(res)), flush=True)
-    if args.pipeline and not args.cost:
+        finished(res.title, model_block(res, environment(device, command), args.tiny))
+        if args.profile:
+            out.profiles.append(bench_profile(name, args, device, dtype))
+            finished(profile_title(name), profile_block(out.profiles[-1], environment(device, command), args.tiny))
+    if args.pipeline:
         out.pipeline = bench_pipeline(args, device, dtype)
-        blocks[PIPELINE] = pipeline_block(out.pipeline, environment(device, command), args.tiny)
-        print(blocks[PIPELINE])
-    if str(args.out) != "-":
-        write_section(args.out, blocks)
-        print(f"wrote the section {SECTION!r} of {args.out}")
+        finished(PIPELINE, pipeline_block(out.pipeline, environment(device, command), args.tiny))
     return out
 
 

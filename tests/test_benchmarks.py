@@ -6,13 +6,19 @@ sections, and the models free of graph breaks. No timing thresholds: the figures
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mmdit.flux
+from benchmarks import memory_cost as mc
 from benchmarks import step_time as st
 from benchmarks.step_cost import step_cost
 
@@ -163,3 +169,153 @@ def test_compile_blocks_compiles_every_repeated_block_in_place():
     blocks = [*model.double_blocks, *model.single_blocks]
     assert len(blocks) == 4 and all(b._compiled_call_impl is not None for b in blocks)
     assert model._compiled_call_impl is None  # the rest of the model stays eager
+
+
+# ---- benchmarks/gpu_suite.sh at tiny size on the CPU: the GPU run's script, flags and files ----
+
+SUITE = st.ROOT / "benchmarks" / "gpu_suite.sh"
+SUITE_TITLES = ["flux-dev", "flux-dev: one eager step, top kernels (torch.profiler)", "flux-dev (compiled, blocks)",
+                "sd3.5-large", "sd3.5-medium", "FLUX.1-dev pipeline memory (computed, meta device)",
+                "FLUX.1-dev pipeline memory (measured)"]
+
+
+def probe_wheel(folder) -> str:
+    """A one-module wheel, so that the suite's install lines (pip --no-index --no-deps --target) run without
+    a network; with a Diffusers wheel in the repository's .whl/ (benchmarks/README.md), that one too."""
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "suite_probe-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("suite_probe.py", "INSTALLED = True\n")
+        whl.writestr("suite_probe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: suite_probe\nVersion: 1.0\n")
+        whl.writestr("suite_probe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                     "Tag: py3-none-any\n")
+        whl.writestr("suite_probe-1.0.dist-info/RECORD", "")
+    for real in (st.ROOT / ".whl").glob("diffusers-0.42.1-*.whl"):
+        (folder / real.name).write_bytes(real.read_bytes())
+        return str(folder / real.name)
+    return ""
+
+
+def run_suite(tmp_path, *flags, **env):
+    env = {**os.environ, "PYTHON": sys.executable, "SITE": str(tmp_path / "site"), **env}
+    env.pop("OUT", None)
+    return subprocess.run(["bash", str(SUITE), *flags, str(tmp_path / "run" / "gpu_suite.md")], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def table_rows(block: str, first: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()
+            if line.startswith(f"| {first} |")]
+
+
+def test_gpu_suite_tiny(tmp_path):
+    """The whole GPU script at tiny size: it installs the wheels, runs every block in priority order, appends each
+    block to the results file as it finishes, fills the RESULTS.md copy beside it, and its figures are right."""
+    real_diffusers = probe_wheel(tmp_path / "wheels")
+    done = run_suite(tmp_path, "--tiny", WHEELS=str(tmp_path / "wheels"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "site" / "suite_probe.py").exists()  # the install lines ran
+    results = (tmp_path / "run" / "gpu_suite.md").read_text()
+    assert (tmp_path / "run" / "gpu_suite.log").read_text().count("== flux-eager") == 1
+    if real_diffusers:
+        assert f"diffusers 0.42.1 from {tmp_path / 'site'}" in results
+    assert "failed none" in results and "skipped none" in results
+    assert "### Not run: flux2-klein" in results or "### flux2-klein-4b" in results
+
+    blocks = {b.split("\n", 1)[0]: b for b in results.split("### ")[1:]}
+    assert [t for t in blocks if t in SUITE_TITLES] == SUITE_TITLES  # all there, most important first
+    for title in ["flux-dev", "flux-dev (compiled, blocks)", "sd3.5-large", "sd3.5-medium"]:
+        name = title.split()[0]
+        rows = table_rows(blocks[title], name)
+        ours = [r for r in rows if r[1] == "ours"]
+        assert len(rows) == (3 if "compiled" in title else 4) and len(ours) == 2
+        assert all(float(r[-1]) <= 1e-4 for r in ours), rows  # ours equals Diffusers (float32)
+        assert ("batch 2 (one CFG step" in blocks[title]) == name.startswith("sd3")
+    frames = blocks["flux-dev (compiled, blocks)"].split("- Compiled by dynamo")[1].split("\n")[0]
+    assert frames.count("mmdit/flux.py") == 4  # one compile per block class and TACA variant, not per block
+    profile = blocks[SUITE_TITLES[1]]
+    assert profile.count("| 1 | `aten::") == 2 and "TACA 1.2:" in profile
+
+    for mode in ["none", "encoders", "stream-encoders"]:  # the measured peaks beside the computed ones
+        (computed,) = table_rows(blocks[SUITE_TITLES[5]], mode)
+        (measured,) = table_rows(blocks[SUITE_TITLES[6]], mode)
+        assert measured[3] == computed[1] and measured[1] == "-" and float(measured[6]) > 0  # no peak off CUDA
+        assert measured[7] == ("-" if mode == "none" else "0.0e+00")  # offloading does not change the image
+
+    copy = (tmp_path / "run" / "RESULTS.md").read_text()  # benchmarks/RESULTS.md with the blocks put in place
+    assert copy.count(st.SECTION) == 1 and "## Loading (CPU)" in copy
+    for title in SUITE_TITLES:
+        assert copy.count(f"### {title}\n") == 1
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# python3 as the GPU machine's, for the suite's plumbing: records each benchmark call, runs none
+if [[ "$1" == -m && "$2" == benchmarks.* ]]; then
+    echo "${*:2}" >> "$STUB_CALLS"
+    [[ "$2" == "${STUB_FAIL:-}" ]] && { echo "stub: failing on purpose"; exit 3; }
+    [[ "$2" == "${STUB_SLEEP:-}" ]] && sleep 60
+elif [[ "$1" == -c && "$2" == *diffusers.__version__* ]]; then
+    echo "Python 3.12.3, torch 2.11.0+cu130 (${STUB_GPU:-NVIDIA H200}), diffusers 0.42.1 from /tmp/site/diffusers"
+fi
+exit 0
+"""
+
+
+def stub_python(tmp_path) -> str:
+    stub = tmp_path / "python3"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    return str(stub)
+
+
+def test_gpu_suite_full_size_command_lines(tmp_path):
+    """The full-size path (no --tiny), which the CPU cannot run: with a stand-in python3, every block's command line
+    is parsed by the real parsers and asks for what issue 17 measures; a failing block is recorded, the rest run."""
+    calls = tmp_path / "calls"
+    done = run_suite(tmp_path, PYTHON=stub_python(tmp_path), STUB_CALLS=str(calls), STUB_FAIL="benchmarks.memory_cost",
+                     WHEELS=str(tmp_path / "none"))
+    assert done.returncode == 1, done.stdout[-3000:]
+    results = (tmp_path / "run" / "gpu_suite.md").read_text()
+    assert "- Python 3.12.3, torch 2.11.0+cu130 (NVIDIA H200), diffusers 0.42.1" in results and "full sizes" in results
+    assert "### Failed: pipeline-memory\n\nexit status 3" in results and "stub: failing on purpose" in results
+    assert "done flux-eager flux-compiled sd3; skipped none; failed pipeline-memory" in results
+
+    run = tmp_path / "run"
+    lines = [shlex.split(line) for line in calls.read_text().splitlines()]
+    assert [line[0] for line in lines] == ["benchmarks.step_time"] * 3 + ["benchmarks.memory_cost"]
+    eager, compiled, sd3 = (st.parse_args(line[1:]) for line in lines[:3])
+    for args in (eager, compiled, sd3):
+        assert not args.tiny and args.dtype is None and args.steps == 20 and not args.graph_breaks
+        assert (args.out, args.append) == (run / "RESULTS.md", run / "gpu_suite.md")
+    assert (eager.models, st.timed_modes(eager), eager.batch, eager.profile) == (["flux-dev"], ["eager"], 1, True)
+    assert (compiled.models, st.timed_modes(compiled), compiled.compile_blocks) == (["flux-dev"], ["compiled"], True)
+    assert compiled.compile_backend == "inductor" and compiled.compile_mode is None and compiled.warmup >= 1
+    assert (sd3.models, st.timed_modes(sd3), sd3.batch) == (["sd3.5-large", "sd3.5-medium"], ["eager"], 2)
+    memory = mc.parse_args(lines[3][1:])
+    assert memory.measure and not memory.tiny and memory.offload == ["none", "encoders", "stream-encoders"]
+    assert (memory.out, memory.append) == (run / "RESULTS.md", run / "gpu_suite.md")
+
+
+def test_gpu_suite_stops_a_block_at_the_end_of_the_budget(tmp_path):
+    """A block still running when the budget runs out is stopped (`timeout`) and recorded as such."""
+    done = run_suite(tmp_path, "--tiny", PYTHON=stub_python(tmp_path), STUB_CALLS=str(tmp_path / "calls"),
+                     STUB_SLEEP="benchmarks.step_time", BUDGET_S="14", BLOCKS="flux-eager",
+                     WHEELS=str(tmp_path / "none"))
+    assert done.returncode == 1
+    results = (tmp_path / "run" / "gpu_suite.md").read_text()
+    assert "### Failed: flux-eager\n\nstopped at the end of the budget (timeout, exit 124)" in results
+
+
+def test_gpu_suite_skips_what_does_not_fit(tmp_path):
+    """A block whose estimate exceeds what is left of the budget is skipped and said so; an unknown block fails."""
+    done = run_suite(tmp_path, "--tiny", PYTHON=stub_python(tmp_path), STUB_CALLS=str(tmp_path / "calls"),
+                     WHEELS=str(tmp_path / "none"), BUDGET_S="5", BLOCKS="flux-eager bogus")
+    assert done.returncode == 1
+    results = (tmp_path / "run" / "gpu_suite.md").read_text()
+    assert "### Skipped: flux-eager\n\nNot run: estimated 10 s" in results and "### Unknown block: bogus" in results
+    assert "done none; skipped flux-eager; failed bogus" in results and not (tmp_path / "calls").exists()
+
+
+def test_gpu_suite_needs_a_gpu_at_full_size(tmp_path):
+    done = run_suite(tmp_path, PYTHON=stub_python(tmp_path), STUB_CALLS=str(tmp_path / "calls"),
+                     STUB_GPU="no CUDA device", WHEELS=str(tmp_path / "none"))
+    assert done.returncode == 1 and "gpu_suite: no CUDA device" in done.stdout and not (tmp_path / "calls").exists()
