@@ -13,20 +13,18 @@ A file is a FLUX.2 autoencoder when it has `bn.running_mean` and a quant conv (`
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from mmdit.autoencoder_flux2 import AutoEncoderFlux2, AutoEncoderFlux2Params
 
-from .autoencoder import diffusers_to_ldm
-from .files import Checkpoint, CheckpointError, load_state_dict_strict
-from .mapping import KeyMap, block_count
+from .autoencoder import _as_conv, diffusers_to_ldm
+from .files import AUTOENCODER_PREFIXES, Checkpoint, CheckpointError, Shapes, load_state_dict_strict, read_config
+from .mapping import KeyMap
 
-PREFIXES = ("vae.", "first_stage_model.")  # the autoencoder inside an all-in-one file
 IGNORED = ("bn.num_batches_tracked",)
 _ATTN = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
 
@@ -46,24 +44,19 @@ def diffusers_to_bfl(n_levels: int) -> KeyMap:
     ])
 
 
-def params_from_shapes(shapes: Mapping[str, list[int]], bn_eps: float = 1e-4) -> AutoEncoderFlux2Params:
+def params_from_shapes(shape: Shapes, bn_eps: float = 1e-4) -> AutoEncoderFlux2Params:
     """The config implied by the shapes of BFL's keys."""
-    def get(k):
-        if k not in shapes:
-            raise CheckpointError(f"FLUX.2 autoencoder checkpoint lacks key {k!r}")
-        return shapes[k]
-
-    ch, in_channels = get("encoder.conv_in.weight")[:2]
-    n_levels = block_count(shapes, r"encoder\.down\.(\d+)\.")
-    z = get("decoder.conv_in.weight")[1]
-    stats = get("bn.running_mean")[0]
+    ch, in_channels = shape["encoder.conv_in.weight"][:2]
+    n_levels = shape.count_blocks(r"encoder\.down\.(\d+)\.")
+    z = shape["decoder.conv_in.weight"][1]
+    stats = shape["bn.running_mean"][0]
     patch = round((stats / z) ** 0.5)
     if patch * patch * z != stats:
         raise CheckpointError(f"bn.running_mean has {stats} channels: not {z} latent channels x patch^2")
     return AutoEncoderFlux2Params(
-        ch=ch, in_channels=in_channels, z_channels=z, out_ch=get("decoder.conv_out.weight")[0], patch=patch,
-        ch_mult=tuple(get(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(n_levels)),
-        num_res_blocks=block_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."), bn_eps=bn_eps,
+        ch=ch, in_channels=in_channels, z_channels=z, out_ch=shape["decoder.conv_out.weight"][0], patch=patch,
+        ch_mult=tuple(shape[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(n_levels)),
+        num_res_blocks=shape.count_blocks(r"encoder\.down\.0\.block\.(\d+)\."), bn_eps=bn_eps,
     )
 
 
@@ -71,49 +64,35 @@ def _open(path: Path) -> tuple[Checkpoint, dict | None, str]:
     """The autoencoder's tensors (prefix removed), the Diffusers config.json when it is a folder, the source."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    config = None
-    if path.is_dir():
-        if (path / "vae").is_dir():  # a Diffusers repo folder
-            path = path / "vae"
-        if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
-        if (path / "diffusion_pytorch_model.safetensors").is_file():  # not the .fp16 variant beside it
-            path = path / "diffusion_pytorch_model.safetensors"
+    if (path / "vae").is_dir():  # a Diffusers repo folder
+        path = path / "vae"
+    config = read_config(path / "config.json")  # None beside a single file
+    if (path / "diffusion_pytorch_model.safetensors").is_file():  # not the .fp16 variant beside it
+        path = path / "diffusion_pytorch_model.safetensors"
     ckpt = Checkpoint.open(path)
-    for prefix in PREFIXES:
-        if not is_flux2_autoencoder(ckpt) and is_flux2_autoencoder(ckpt.with_prefix(prefix)):
-            ckpt = ckpt.with_prefix(prefix)
+    ckpt = ckpt.part(AUTOENCODER_PREFIXES) or ckpt
     if not is_flux2_autoencoder(ckpt):
         raise CheckpointError(
             f"{path}: not a FLUX.2 autoencoder (no bn.running_mean and quant_conv, bare or under "
-            f"{', '.join(PREFIXES)}); a FLUX.1 / SD3 one loads with convert.load_autoencoder"
+            f"{', '.join(AUTOENCODER_PREFIXES)}); a FLUX.1 / SD3 one loads with convert.load_autoencoder"
         )
     return ckpt, config, str(path)
-
-
-def _as_conv(load):
-    """Attention projections stored as linear [C, C] load into the 1x1 convs [C, C, 1, 1]."""
-    def conv():
-        t = load()
-        return t[:, :, None, None] if t.dim() == 2 else t
-    return conv
 
 
 def load_autoencoder_flux2(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoderFlux2:
     """The FLUX.2 autoencoder from BFL's `ae.safetensors`, a Diffusers `vae/` folder (or its repo), or a file
     holding it under `vae.` / `first_stage_model.`. dtype: defaults to the file's own."""
     ckpt, config, source = _open(Path(path))
-    dtype = dtype or ckpt.storage_dtype()
-    if any(k.startswith("encoder.down_blocks.") for k in ckpt):
-        keymap = diffusers_to_bfl(block_count(ckpt, r"encoder\.down_blocks\.(\d+)\."))
-        plan = keymap.plan(ckpt)
-        shapes = {ours: ckpt.shape(srcs[0]) for ours, srcs in plan.items()}
+    what = f"{source}: the FLUX.2 autoencoder"
+    dtype = dtype or ckpt.load_dtype()
+    if any(k.startswith("encoder.down_blocks.") for k in ckpt):  # Diffusers names
+        keymap = diffusers_to_bfl(ckpt.shapes(what).count_blocks(r"encoder\.down_blocks\.(\d+)\."))
+        shape = Shapes({ours: ckpt.shape(srcs[0]) for ours, srcs in keymap.plan(ckpt).items()}, what)
         tensors = keymap.tensors(ckpt, dtype, device)
     else:
-        shapes = {k: ckpt.shape(k) for k in ckpt}
-        tensors = {k: (lambda k=k: ckpt.load(k, dtype, device)) for k in ckpt}
+        shape, tensors = ckpt.shapes(what), ckpt.loaders(dtype, device)
     tensors = {k: _as_conv(f) if _ATTN.fullmatch(k) else f for k, f in tensors.items() if k not in IGNORED}
-    params = params_from_shapes(shapes, bn_eps=(config or {}).get("batch_norm_eps", 1e-4))
+    params = params_from_shapes(shape, bn_eps=(config or {}).get("batch_norm_eps", 1e-4))
     if config is not None and tuple(config.get("patch_size", (params.patch,) * 2)) != (params.patch,) * 2:
         raise CheckpointError(
             f"{source}: config.json patch_size {config['patch_size']} does not match the statistics' "

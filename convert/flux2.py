@@ -5,21 +5,25 @@ BFL keys are ours (BFL flux2 `src/flux2/model.py`). Diffusers' `Flux2Transformer
 (`add_{q,k,v}_proj` for text), keeps the single blocks' `linear1`/`linear2` fused (`to_qkv_mlp_proj`,
 `to_out`), renames the shared modulations `.lin` -> `.linear`, and stores the final adaLN as
 (scale, shift) where BFL has (shift, scale). The SwiGLU halves are in the same order in both.
-Facts: Diffusers `loaders/single_file_utils.py` `convert_flux2_transformer_checkpoint_to_diffusers`.
-
-A FLUX.2 file also has FLUX.1's probe key (`double_blocks.0.img_attn.qkv.weight`): test for FLUX.2 first.
+Facts: Diffusers `loaders/single_file_utils.py` `convert_flux2_transformer_checkpoint_to_diffusers`;
+docs/flux2.md.
+A family's layout module: the names are listed in convert/families.py. A FLUX.2 file also has FLUX.1's
+probe key (`double_blocks.0.img_attn.qkv.weight`), so convert/families.py lists FLUX.2 before FLUX.1.
 """
 
 from __future__ import annotations
 
 from mmdit.flux2 import PRESETS, Flux2Params
 
-from .files import CheckpointError
-from .mapping import KeyMap, block_count
+from .files import Checkpoint, CheckpointError
+from .mapping import KeyMap
 
-PROBE_BFL = "single_stream_modulation.lin.weight"  # Diffusers' CHECKPOINT_KEY_NAMES["flux2"]
-PROBE_DIFFUSERS = "single_stream_modulation.linear.weight"
+NATIVE = "bfl"
+NATIVE_PROBE = "single_stream_modulation.lin.weight"  # Diffusers' CHECKPOINT_KEY_NAMES["flux2"]
 DIFFUSERS_CLASS = "Flux2Transformer2DModel"
+DIFFUSERS_PROBE = "single_stream_modulation.linear.weight"
+# One LLM text encoder (Diffusers `Flux2Pipeline` / `Flux2KleinPipeline`), loaded by convert/llm.py
+DIFFUSERS_TEXT_ENCODERS = {"text_encoder": "llm"}
 
 _B = r"transformer_blocks\.(\d+)\."
 _S = r"single_transformer_blocks\.(\d+)\."
@@ -61,37 +65,37 @@ DIFFUSERS_TO_BFL = KeyMap(
 )
 
 
-def _shape(ckpt, key: str) -> list[int]:
-    if key not in ckpt:
-        raise CheckpointError(f"FLUX.2 checkpoint lacks key {key!r}")
-    return list(ckpt.shape(key)) if hasattr(ckpt, "shape") else list(ckpt[key].shape)
+def diffusers_keymap(params: Flux2Params) -> KeyMap:
+    """Diffusers `Flux2Transformer2DModel` keys -> BFL keys (the same rules for every size)."""
+    return DIFFUSERS_TO_BFL
 
 
-def params_from_bfl(ckpt) -> Flux2Params:
-    """The config implied by BFL keys and shapes (a `Checkpoint` or a mapping of tensors), never a name.
+def params_from_native(ckpt: Checkpoint) -> Flux2Params:
+    """The config implied by BFL keys and shapes, never a name.
 
     Block counts from the block indices, width from `img_in`, head dim from the q-norm width, MLP width
     from `img_mlp.2`, guidance embedding from the presence of `guidance_in`. RoPE's split and theta are
     not stored in a file: 4 equal axes (BFL's (32, 32, 32, 32) at head dim 128), theta 2000.
     """
-    hidden, in_ch = _shape(ckpt, "img_in.weight")
-    head_dim = _shape(ckpt, "double_blocks.0.img_attn.norm.query_norm.scale")[0]
-    mlp_hidden = _shape(ckpt, "double_blocks.0.img_mlp.2.weight")[1]
-    out_ch = _shape(ckpt, "final_layer.linear.weight")[0]
+    shape = ckpt.shapes("FLUX.2 checkpoint")
+    hidden, in_ch = shape["img_in.weight"]
+    head_dim = shape["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+    mlp_hidden = shape["double_blocks.0.img_mlp.2.weight"][1]
+    out_ch = shape["final_layer.linear.weight"][0]
     if out_ch != in_ch:
         raise CheckpointError(f"FLUX.2 checkpoint: final_layer.linear has {out_ch} outputs, img_in {in_ch} inputs")
     if hidden % head_dim or head_dim % 8:
         raise CheckpointError(f"FLUX.2 checkpoint: head dim {head_dim} (from the q norm) does not fit width {hidden}")
     p = Flux2Params(
         in_channels=in_ch,
-        context_in_dim=_shape(ckpt, "txt_in.weight")[1],
+        context_in_dim=shape["txt_in.weight"][1],
         hidden_size=hidden,
         num_heads=hidden // head_dim,
-        depth=block_count(ckpt, r"double_blocks\.(\d+)\."),
-        depth_single_blocks=block_count(ckpt, r"single_blocks\.(\d+)\."),
+        depth=shape.count_blocks(r"double_blocks\.(\d+)\."),
+        depth_single_blocks=shape.count_blocks(r"single_blocks\.(\d+)\."),
         mlp_ratio=mlp_hidden / hidden,
         axes_dim=(head_dim // 4,) * 4,
-        guidance_embed="guidance_in.in_layer.weight" in ckpt,
+        guidance_embed="guidance_in.in_layer.weight" in shape,
     )
     if p.mlp_hidden != mlp_hidden:
         raise CheckpointError(f"FLUX.2 checkpoint: MLP width {mlp_hidden} is not a ratio of the width {hidden}")

@@ -24,7 +24,6 @@ name), right otherwise (Qwen2Tokenizer).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tokenizers import Tokenizer
 from mmdit.chat_tokenizer import MAX_LENGTH, PROMPT_FORMATS, ChatTokenizer, PromptFormat
 from mmdit.llm import FLUX2_OUT_LAYERS, LLMConfig, LLMEncoder
 
-from .files import FLOAT8, Checkpoint, CheckpointError, load_state_dict_strict
+from .files import Checkpoint, CheckpointError, load_state_dict_strict, read_config
 
 PROBE = "embed_tokens.weight"  # what precedes it in a file is the text stack's prefix
 MODEL_TYPES = {"qwen3": "qwen3", "mistral": "mistral"}  # HF model_type -> our arch
@@ -109,9 +108,10 @@ def load_llm_encoder(
     """
     folder = _folder(Path(path), "text_encoder")
     source = str(folder)
-    if not (folder.is_dir() and (folder / "config.json").is_file()):
+    config = read_config(folder / "config.json") if folder.is_dir() else None
+    if config is None:
         raise CheckpointError(f"{source}: not an HF model folder (no config.json)")
-    cfg = llm_config(json.loads((folder / "config.json").read_text()), out_layers, source)
+    cfg = llm_config(config, out_layers, source)
     ckpt = Checkpoint.open(folder)
     prefix = text_stack_prefix(ckpt, source)
     stack = ckpt.with_prefix(prefix)
@@ -130,11 +130,9 @@ def load_llm_encoder(
             f"{source}: {len(unexpected)} unexpected key(s) in the {cfg.arch} text stack, "
             f"first: {', '.join(unexpected[:5])}"
         )
-    if dtype is None:
-        dtype = stack.storage_dtype()
-        if dtype in FLOAT8:
-            dtype = torch.bfloat16
-    tensors = {"model." + k: (lambda k=k: stack.load(k, dtype, device)) for k in used}
+    dtype = dtype or stack.load_dtype()
+    loaders = stack.loaders(dtype, device)
+    tensors = {"model." + k: loaders[k] for k in used}
     with torch.device("meta"):
         model = LLMEncoder(cfg)
     what = f"{cfg.arch} text encoder ({cfg.depth} of {cfg.num_hidden_layers} layers)"
@@ -155,7 +153,7 @@ def _chat_template(folder: Path, config: dict) -> str:
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     template = None
     if (folder / "chat_template.json").is_file():
-        template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        template = read_config(folder / "chat_template.json").get("chat_template")
     template = template if template is not None else config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
         template = {t.get("name"): t.get("template") for t in template}.get("default")
@@ -184,8 +182,7 @@ def load_chat_tokenizer(
         prompt_format = PROMPT_FORMATS[prompt_format]
     config = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (folder / name).is_file():
-            config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+        config.update(read_config(folder / name) or {})
     special = {name: _token(config[name]) for name in SPECIAL_TOKENS if _token(config.get(name)) is not None}
     if "pad_token" not in special:
         raise ValueError(f"{folder}: the tokenizer config names no pad_token")

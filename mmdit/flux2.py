@@ -36,19 +36,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .attention import Temperature, attention, temperature_on
-from .flux import QKNorm
+from .attention import JointAttention, Temperature, as_temperature_matrix
+from .flux import QKNorm, rope_qk
 from .layers import (
     LastLayer,
     MLPEmbedder,
     Modulation,
     WeightsModule,
-    apply_rope,
     gated,
     layer_norm,
     modulations,
     rope_cos_sin,
-    run_block,
     timestep_embedding,
 )
 
@@ -152,8 +150,7 @@ class SharedModulation(nn.Module):
         self.lin = nn.Linear(dim, 3 * sets * dim, bias=False)
 
     def forward(self, vec_silu: Tensor) -> list[Modulation]:
-        c = modulations(self.lin(vec_silu), 3 * self.sets)
-        return [Modulation(*c[i : i + 3]) for i in range(0, 3 * self.sets, 3)]
+        return modulations(self.lin(vec_silu), 3 * self.sets)
 
 
 class SwiGLU(nn.Module):
@@ -198,15 +195,15 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(h, p.num_heads)
         self.txt_norm2 = layer_norm(h)
         self.txt_mlp = swiglu_mlp(h, p.mlp_hidden)
+        self.attention = JointAttention()  # no weights: where the probe hooks in
 
     def forward(self, img: Tensor, txt: Tensor, img_mod: list[Modulation], txt_mod: list[Modulation],
                 pe: tuple[Tensor, Tensor], temperature: Temperature = None) -> tuple[Tensor, Tensor]:
         (img_m1, img_m2), (txt_m1, txt_m2) = img_mod, txt_mod
         img_q, img_k, img_v = self.img_attn.qk_v(img_m1(self.img_norm1(img)))
         txt_q, txt_k, txt_v = self.txt_attn.qk_v(txt_m1(self.txt_norm1(txt)))
-        q = apply_rope(torch.cat((txt_q, img_q), 2), *pe)  # (B, H, L, D), text first
-        k = apply_rope(torch.cat((txt_k, img_k), 2), *pe)
-        attn = attention(q, k, torch.cat((txt_v, img_v), 2), txt.shape[1], temperature)  # (B, L, H*D)
+        q, k = rope_qk(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), pe)  # (B, H, L, D), text first
+        attn = self.attention(q, k, torch.cat((txt_v, img_v), 2), txt.shape[1], temperature)  # (B, L, H*D)
         txt_a, img_a = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = gated(img, img_m1.gate, self.img_attn.proj(img_a))
@@ -229,14 +226,15 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(p.head_dim)
         self.pre_norm = layer_norm(h)
         self.mlp_act = SwiGLU()
+        self.attention = JointAttention()  # no weights: where the probe hooks in
 
     def forward(self, x: Tensor, mod: Modulation, pe: tuple[Tensor, Tensor], n_txt: int,
                 temperature: Temperature = None) -> Tensor:
         h = self.linear1(mod(self.pre_norm(x)))  # (B, L, 3H + 2M)
         qkv, mlp_in = h[..., : 3 * self.hidden], h[..., 3 * self.hidden :]
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        q, k = self.norm(q, k)
-        attn = attention(apply_rope(q, *pe), apply_rope(k, *pe), v, n_txt, temperature)  # (B, L, H*D)
+        q, k = rope_qk(*self.norm(q, k), pe)
+        attn = self.attention(q, k, v, n_txt, temperature)  # (B, L, H*D)
         return gated(x, mod.gate, self.linear2(torch.cat((attn, self.mlp_act(mlp_in)), -1)))
 
 
@@ -244,7 +242,9 @@ class SingleStreamBlock(nn.Module):
 
 
 class Flux2(WeightsModule):
-    family = "flux2"
+    """The FLUX.2 transformer: `model(x, t, context, pooled=None, guidance=None, temperature=None, ref_latents=None) -> v`."""
+
+    family = Flux2Params.family
 
     def __init__(self, params: Flux2Params = PRESETS["flux2-dev"]):
         super().__init__()
@@ -260,7 +260,6 @@ class Flux2(WeightsModule):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(p) for _ in range(p.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(p) for _ in range(p.depth_single_blocks))
         self.final_layer = LastLayer(h, p.in_channels, bias=False)
-        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -315,13 +314,13 @@ class Flux2(WeightsModule):
         txt_mod = self.double_stream_modulation_txt(vec_silu)
         (single_mod,) = self.single_stream_modulation(vec_silu)
 
-        temperature = temperature_on(temperature, dev)
+        temperature = as_temperature_matrix(temperature, dev)  # once, not in every attention
         img = self.img_in(torch.cat(img, 1))  # (B, L_img + L_ref, D)
         txt = self.txt_in(context.to(dt))  # (B, L_txt, D)
         for block in self.double_blocks:
-            img, txt = run_block(self, block, img, txt, img_mod, txt_mod, pe, temperature)
+            img, txt = block(img, txt, img_mod, txt_mod, pe, temperature)
         seq = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            seq = run_block(self, block, seq, single_mod, pe, n_txt, temperature)
+            seq = block(seq, single_mod, pe, n_txt, temperature)
         out = self.final_layer(seq[:, n_txt : n_txt + n_img], vec)  # (B, L_img, 4C)
         return rearrange(out, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=H // 2, ph=2, pw=2).to(x.dtype)

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .layers import RMSNorm, WeightsModule
+from .layers import WeightsModule
+from .t5 import T5LayerNorm  # fp32 RMS, cast back, then the weight (`weight`): as Qwen3RMSNorm / MistralRMSNorm
 
 ARCHS = ("qwen3", "mistral")
 # FLUX.2's layers (BFL flux2 `text_encoder.py`: OUTPUT_LAYERS_QWEN3, OUTPUT_LAYERS_MISTRAL)
@@ -149,8 +150,8 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv * d, bias=False)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
         if cfg.arch == "qwen3":
-            self.q_norm = RMSNorm(d, weight_name="weight", eps=cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, weight_name="weight", eps=cfg.rms_norm_eps)
+            self.q_norm = T5LayerNorm(d, cfg.rms_norm_eps)
+            self.k_norm = T5LayerNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         """x (B, L, D); mask (B, 1, L, L) bool, True = may attend (None: plain causal)."""
@@ -183,9 +184,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, weight_name="weight", eps=cfg.rms_norm_eps)
+        self.input_layernorm = T5LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = SelfAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, weight_name="weight", eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = T5LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:

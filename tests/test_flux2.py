@@ -14,10 +14,12 @@ from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline as P
 from safetensors.torch import save_file
 
 import mmdit.flux2
+import mmdit.attention
 from convert.files import Checkpoint, CheckpointError
-from convert.flux2 import DIFFUSERS_TO_BFL, params_from_bfl, params_from_diffusers_config, variant_name
+from convert.flux2 import DIFFUSERS_TO_BFL, params_from_diffusers_config, params_from_native, variant_name
 from mmdit.attention import attention_reference
 from mmdit.flux2 import PRESETS, Flux2, Flux2Params, image_ids, patchify, reference_t, text_ids
+from training.loop import checkpoint_blocks
 
 DEV = PRESETS["flux2-dev"].tiny()  # guidance embedding, context 15360
 KLEIN = PRESETS["flux2-klein-4b"].tiny()  # no guidance, context 7680
@@ -142,17 +144,18 @@ def test_general_temperature_matrix_equals_explicit_logits(one_thread, monkeypat
         by_gamma = model(**args, temperature=1.3)
         assert rel_err(model(**args, temperature=torch.tensor([[1.0, 1.0], [1.3, 1.0]])), by_gamma) <= 1e-5
         fast = model(**args, temperature=T)
-        monkeypatch.setattr(mmdit.flux2, "attention", attention_reference)
+        monkeypatch.setattr(mmdit.attention.JointAttention, "forward", lambda self, *a: attention_reference(*a))
         slow = model(**args, temperature=T)
     assert rel_err(fast, slow) <= 1e-5
 
 
-def test_diffusers_state_dict_through_key_map(one_thread):
+def test_diffusers_state_dict_through_key_map(one_thread, tmp_path):
     """Diffusers layout -> ours with our KeyMap loads strictly and gives Diffusers' outputs; Diffusers'
     own BFL -> Diffusers converter takes the result back to the same tensors."""
     ref = randomize_(Flux2Transformer2DModel(**diffusers_config(DEV)), seed=7).eval()
     dsd = ref.state_dict()
-    bfl = DIFFUSERS_TO_BFL.convert(dsd)
+    save_file(dsd, tmp_path / "diffusers.safetensors")
+    bfl = {k: load() for k, load in DIFFUSERS_TO_BFL.tensors(Checkpoint.open(tmp_path / "diffusers.safetensors")).items()}
     model = ours(DEV, bfl)
     back = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
     assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)
@@ -169,12 +172,13 @@ def test_config_read_from_bfl_keys_and_shapes(one_thread, tmp_path):
     for i, (p, name) in enumerate(cases):
         save_file(bfl_state(p), tmp_path / f"{i}.safetensors")
         ckpt = Checkpoint.open(tmp_path / f"{i}.safetensors")
-        assert params_from_bfl(ckpt) == p and variant_name(p) == name
+        assert params_from_native(ckpt) == p and variant_name(p) == name
     assert variant_name(PRESETS["flux2-klein-9b"].tiny()) == "flux2-klein-9b-like (custom size)"
     assert variant_name(dataclasses.replace(PRESETS["flux2-dev"])) == "flux2-dev"
     no_mlp = {k: v for k, v in bfl_state(KLEIN).items() if k != "double_blocks.0.img_mlp.2.weight"}
+    save_file(no_mlp, tmp_path / "no_mlp.safetensors")
     with pytest.raises(CheckpointError, match=r"double_blocks\.0\.img_mlp\.2\.weight"):
-        params_from_bfl(no_mlp)
+        params_from_native(Checkpoint.open(tmp_path / "no_mlp.safetensors"))
     with pytest.raises(CheckpointError, match="patch_size=2"):
         params_from_diffusers_config({"patch_size": 2})
 
@@ -220,7 +224,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(one_thread):
     grads = []
     for ckpt in (False, True):
         model = ours(KLEIN, bfl_state(KLEIN, seed=9)).train()
-        model.gradient_checkpointing = ckpt
+        if ckpt:  # applied from outside, as `mmdit train` does
+            checkpoint_blocks(model)
         model(**args, temperature=1.2).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert rel_err(grads[1], grads[0]) <= 1e-5
