@@ -242,7 +242,7 @@ class SingleStreamBlock(nn.Module):
 
 
 class Flux2(WeightsModule):
-    """The FLUX.2 transformer: `model(x, t, context, pooled=None, guidance=None, temperature=None, ref_latents=None) -> v`."""
+    """The FLUX.2 transformer: `model(x, t, context, pooled=None, guidance=None, temperature=None, ref_latents=None)`."""
 
     family = Flux2Params.family
 

@@ -3,8 +3,8 @@
 Both subcommands take the same flags for the run (`add_run_arguments`), turned into a loaded pipeline
 and `generate`'s keyword arguments in one place (`load_run`):
 - `mmdit sample PROMPT` writes a PNG whose text chunks hold every setting used (prompt, model, variant,
-  steps, guidance, seed, taca, size, version; negative prompt, true CFG, skip-layer guidance, LoRAs and
-  the display upscale when used), so an image can be made again;
+  steps, guidance, seed, taca, size, version; negative prompt, true CFG, skip-layer guidance, LoRAs,
+  FLUX.2's reference images and the display upscale when used), so an image can be made again;
 - `mmdit probe PROMPT` runs the same sampling without decoding, records per step and layer the
   attention mass image queries give to text keys, and writes it as a CSV and a heat map
   (sampling/probe.py).
@@ -83,6 +83,9 @@ def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
                    help="a LoRA to apply, text-encoder weights included (repeatable; default none); with --taca "
                         "the transformer part is on only in the TACA steps")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of every --lora (default 1.0)")
+    p.add_argument("--image", type=Path, action="append", default=[], metavar="FILE",
+                   help="FLUX.2: a reference image to edit or compose from (repeatable; default none); the output "
+                        "takes the first one's size unless --size is given")
     p.add_argument("--size", type=parse_size, metavar="WxH", help="default: the model's (1024x1024; the tiny model 32x32)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
@@ -123,7 +126,10 @@ def load_run(args: argparse.Namespace) -> tuple[Pipeline, dict]:
                          offload_encoders=args.offload_encoders)
     for file in args.lora:
         load_pipeline_lora(pipe, file, scale=args.lora_scale)
+    images = [Image.open(f) for f in args.image]  # FLUX.2's reference images (editing)
     width, height = args.size or (pipe.defaults.size, pipe.defaults.size)
+    if images and args.size is None and pipe.family == "flux2":
+        width, height = pipe.reference_size(images[0])
     settings = dict(
         height=height, width=width,
         steps=pipe.defaults.steps if args.steps is None else args.steps,
@@ -133,6 +139,7 @@ def load_run(args: argparse.Namespace) -> tuple[Pipeline, dict]:
         temperature=None if args.taca is None else TacaSchedule(args.taca, args.taca_until),
         skip_guidance_layers=args.slg, skip_layer_guidance_scale=args.slg_scale,
         skip_layer_guidance_start=args.slg_start, skip_layer_guidance_stop=args.slg_stop,
+        images=images or None,
     )
     return pipe, settings
 
@@ -142,7 +149,8 @@ def png_text(args: argparse.Namespace, pipe: Pipeline, settings: dict) -> dict[s
     taca = settings["temperature"]
     text = {
         "prompt": args.prompt, "model": pipe.name, "variant": pipe.variant, "steps": settings["steps"],
-        "guidance": settings["guidance"], "seed": settings["seed"],
+        "guidance": settings["guidance"] if pipe.guidance_applies else "none (step-distilled)",
+        "seed": settings["seed"],
         "taca": f"gamma={taca.gamma} until t={taca.until}" if taca else "off",
         "size": f"{settings['width']}x{settings['height']}", "version": f"taca-mmdit {version()}",
     }
@@ -155,6 +163,8 @@ def png_text(args: argparse.Namespace, pipe: Pipeline, settings: dict) -> dict[s
         text["slg"] = f"layers {layers} scale={args.slg_scale} start={args.slg_start} stop={args.slg_stop}"
     if args.lora:
         text["lora"] = ", ".join(f"{f.name} x{args.lora_scale}" for f in args.lora)
+    if args.image:
+        text["images"] = ", ".join(f.name for f in args.image)
     return {k: str(v) for k, v in text.items()}
 
 

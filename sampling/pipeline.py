@@ -15,6 +15,8 @@ what the transformer receives about a prompt (`encode_prompt`), which noise leve
   prompt ("" by default), both branches in one batch; optionally skip-layer guidance on top
   (`skip_guidance_layers`). SAI sd3.5 `sd3_infer.py` `get_cond`; Diffusers
   `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`.
+- FLUX.2 (`Flux2Pipeline`, sampling/flux2.py): context = stacked LLM hidden states, no pooled vector;
+  reference images for editing; its latents live in the autoencoder's normalized space.
 Deviation from Diffusers: latents are kept in float32 between steps whatever the model's dtype.
 """
 
@@ -161,6 +163,23 @@ class Pipeline:
         """What `generate`'s guidance arguments mean for this family."""
         raise NotImplementedError
 
+    def user_sigmas(self, sigmas: list[float] | Tensor, steps: int, latent_h: int, latent_w: int) -> Tensor:
+        """`generate(sigmas=...)`: the user's noise levels as the sampler visits them (here: as given)."""
+        return given_sigmas(sigmas)
+
+    def references(self, images: list[Image.Image]) -> list[Tensor]:
+        """Reference images for editing, as latents the transformer attends to: FLUX.2 only (sampling/flux2.py)."""
+        raise ValueError(f"reference images (images=, --image) are for FLUX.2 models; this is a {self.family} model")
+
+    def autoencoder_latents(self, latents: Tensor) -> Tensor:
+        """The sampled latents as the autoencoder decodes them (here: as they are; FLUX.2 de-normalizes)."""
+        return latents
+
+    @property
+    def guidance_applies(self) -> bool:
+        """Whether `generate`'s guidance scale acts on this model (not on a step-distilled FLUX.2 [klein])."""
+        return True
+
     # ---- the same for every family ----
 
     @torch.no_grad()
@@ -185,6 +204,7 @@ class Pipeline:
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
+        images: list[Image.Image] | None = None,
     ):
         """Images for the prompts (height and width: default the model's, 1024 for the real ones).
 
@@ -194,7 +214,7 @@ class Pipeline:
             ones); else drawn from `seed` with a CPU generator.
         temperature: TACA's: a number, a [2, 2] matrix, or a function of t (sampling/taca.py).
         gate_lora: with a temperature given, LoRA adapters are on only where it is not 1.
-        sigmas: your own noise levels instead of the model's schedule.
+        sigmas: your own noise levels instead of the model's schedule (`user_sigmas`; FLUX.2 shifts them, as Diffusers).
         true_cfg: FLUX: classifier-free guidance at this scale when > 1 and a negative prompt is given.
         decode_tile: tiled decoding (latent pixels per tile) for large images.
         output: "pil" (list of images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent".
@@ -202,8 +222,15 @@ class Pipeline:
             same name (SD3.5 Medium: [7, 8, 9]): the CFG velocity gets `skip_layer_guidance_scale *
             (v_pos - v_skip)`, v_skip the positive branch without these joint blocks, in the steps i of
             N with `N * skip_layer_guidance_start < i < N * skip_layer_guidance_stop`.
+        images (FLUX.2 only): reference images for editing (`references`, sampling/flux2.py); the output
+            takes the first one's size where height or width is not given.
         """
         prompts = as_prompts(prompts)
+        refs = self.references(images) if images else []  # (1, z, h_i, w_i) latents each
+        if refs:
+            f = self.autoencoder.params.downscale
+            height = refs[0].shape[-2] * f if height is None else height
+            width = refs[0].shape[-1] * f if width is None else width
         height = self.defaults.size if height is None else height
         width = self.defaults.size if width is None else width
         if output not in ("pil", "tensor", "latent"):
@@ -222,18 +249,19 @@ class Pipeline:
             noise = torch.randn(shape, generator=gen)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {list(shape)} (B, z, H/f, W/f), got {list(noise.shape)}")
-        sigmas = given_sigmas(sigmas) if sigmas is not None else self.sigmas(steps, h, w)  # (N + 1,) on the CPU
+        sigmas = self.sigmas(steps, h, w) if sigmas is None else self.user_sigmas(sigmas, steps, h, w)  # (N + 1,), CPU
         slg = None
         if skip_guidance_layers is not None:
             slg = SkipLayerGuidance(skipped_blocks(skip_guidance_layers, self.transformer.params.depth),
                                     skip_layer_guidance_scale,
                                     slg_window(sigmas, skip_layer_guidance_start, skip_layer_guidance_stop))
 
-        cond = Conditioning(*self.encode_prompt(prompts))
+        cond = Conditioning(*self.encode_prompt(prompts), model_kwargs={"ref_latents": refs} if refs else {})
         guide = replace(self.guidance_for(prompts, guidance, negative_prompt, true_cfg), slg=slg)
         with self._running(self.transformer):
             latents = denoise(self.transformer, noise.to(self.device, torch.float32), sigmas, cond, guide,
                               temperature, gate_lora, progress)
+        latents = self.autoencoder_latents(latents)
         if output == "latent":
             return latents
         with self._running(ae):
@@ -303,5 +331,3 @@ def negatives(negative_prompt: str | list[str], n: int) -> list[str]:
         raise ValueError(f"{len(negs)} negative prompts for {n} prompts")
     return negs
 
-
-PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline}  # family -> class (load_pipeline picks by the transformer's)

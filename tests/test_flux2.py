@@ -13,7 +13,6 @@ from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkp
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline as P
 from safetensors.torch import save_file
 
-import mmdit.flux2
 import mmdit.attention
 from convert.files import Checkpoint, CheckpointError
 from convert.flux2 import DIFFUSERS_TO_BFL, params_from_diffusers_config, params_from_native, variant_name
@@ -155,7 +154,8 @@ def test_diffusers_state_dict_through_key_map(one_thread, tmp_path):
     ref = randomize_(Flux2Transformer2DModel(**diffusers_config(DEV)), seed=7).eval()
     dsd = ref.state_dict()
     save_file(dsd, tmp_path / "diffusers.safetensors")
-    bfl = {k: load() for k, load in DIFFUSERS_TO_BFL.tensors(Checkpoint.open(tmp_path / "diffusers.safetensors")).items()}
+    loaders = DIFFUSERS_TO_BFL.tensors(Checkpoint.open(tmp_path / "diffusers.safetensors"))
+    bfl = {k: load() for k, load in loaders.items()}
     model = ours(DEV, bfl)
     back = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
     assert back.keys() == dsd.keys() and all(torch.equal(back[k], dsd[k]) for k in dsd)

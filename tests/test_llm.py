@@ -5,12 +5,7 @@ folders are (`save_pretrained`, bf16, sharded with an index; transformers 5 writ
 under `language_model.model.`) and loaded with `convert.llm.load_llm_encoder`; their stacked hidden
 states must equal transformers' `hidden_states` (batch 2 with right and left padding).
 
-Tokenizers: byte-level BPEs trained here with `tokenizers`, pre-tokenized as Qwen2's and Mistral's
-(tekken) tokenizer.json are, written with their special tokens and the real chat templates: Qwen3's from
-Qwen/Qwen3-4B's tokenizer_config.json and Mistral-Small-3.1's from mistralai/Mistral-Small-3.1-24B-Instruct-2503.
-Both were transcribed from public copies (offline: not byte-checked against the hub files); the branches
-FLUX.2 reaches (one user message with the generation prompt and thinking off; system + user content
-blocks) are the ones that matter. The reference for ids and masks is Diffusers' own code path on
+Tokenizers: tests/flux2_builders.py (byte-level BPEs with the real chat templates). The reference for ids and masks is Diffusers' own code path on
 transformers' `AutoTokenizer`; for embeddings, Diffusers' `Flux2KleinPipeline.encode_prompt` and
 `Flux2Pipeline._get_mistral_3_small_prompt_embeds` on the tiny models.
 """
@@ -19,12 +14,18 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from dataclasses import replace
 
 import pytest
 import torch
 from builders import randomize_, rel_err
+from flux2_builders import (
+    MISTRAL_TEMPLATE,
+    QWEN3_TEMPLATE,
+    WORDS,
+    write_mistral_tokenizer,
+    write_qwen_tokenizer,
+)
 from safetensors.torch import load_file
 
 from convert import CheckpointError, save_safetensors_atomic
@@ -36,161 +37,6 @@ TOL = 1e-4
 TINY = LLMConfig().tiny()  # 6 layers, (2, 4, 5) used: layer 6 and the final norm are skipped
 LAYERS = TINY.out_layers
 
-QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-TEKKEN_SPLIT = (
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"""
-    r"""[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-# Qwen/Qwen3-4B tokenizer_config.json "chat_template"
-QWEN3_TEMPLATE = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\n\n' }}
-    {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
-{%- for message in messages[::-1] %}
-    {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
-        {%- set ns.multi_step_tool = false %}
-        {%- set ns.last_query_index = index %}
-    {%- endif %}
-{%- endfor %}
-{%- for message in messages %}
-    {%- if message.content is string %}
-        {%- set content = message.content %}
-    {%- else %}
-        {%- set content = '' %}
-    {%- endif %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
-    {%- elif message.role == "assistant" %}
-        {%- set reasoning_content = '' %}
-        {%- if message.reasoning_content is string %}
-            {%- set reasoning_content = message.reasoning_content %}
-        {%- else %}
-            {%- if '</think>' in content %}
-                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
-                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
-            {%- endif %}
-        {%- endif %}
-        {%- if loop.index0 > ns.last_query_index %}
-            {%- if loop.last or (not loop.last and reasoning_content) %}
-                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
-            {%- else %}
-                {{- '<|im_start|>' + message.role + '\n' + content }}
-            {%- endif %}
-        {%- else %}
-            {{- '<|im_start|>' + message.role + '\n' + content }}
-        {%- endif %}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and content) or (not loop.first) %}
-                    {{- '\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {{- content }}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}
-        {{- '<think>\n\n</think>\n\n' }}
-    {%- endif %}
-{%- endif %}"""
-
-# mistralai/Mistral-Small-3.1-24B-Instruct-2503 chat template
-MISTRAL_TEMPLATE = r"""{%- set today = strftime_now("%Y-%m-%d") %}
-{%- set default_system_message = "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered in Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is " + today + ".\n\nWhen you're not sure about some information, you say that you don't have the information and don't make up anything.\nIf the user's question is not clear, ambiguous, or does not provide enough context for you to accurately answer the question, you do not try to answer it right away and you rather ask the user to clarify their request (e.g. \"What are some good restaurants around me?\" => \"Where are you?\" or \"When is the next flight to Tokyo\" => \"Where do you travel from?\")" %}
-
-{{- bos_token }}
-
-{%- if messages[0]['role'] == 'system' %}
-    {%- if messages[0]['content'] is string %}
-        {%- set system_message = messages[0]['content'] %}
-    {%- else %}
-        {%- set system_message = messages[0]['content'][0]['text'] %}
-    {%- endif %}
-    {%- set loop_messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = default_system_message %}
-    {%- set loop_messages = messages %}
-{%- endif %}
-{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}
-
-{%- for message in loop_messages %}
-    {%- if message['role'] == 'user' %}
-        {%- if message['content'] is string %}
-            {{- '[INST]' + message['content'] + '[/INST]' }}
-        {%- else %}
-            {{- '[INST]' }}
-            {%- for block in message['content'] %}
-                {%- if block['type'] == 'text' %}
-                    {{- block['text'] }}
-                {%- elif block['type'] in ['image', 'image_url'] %}
-                    {{- '[IMG]' }}
-                {%- else %}
-                    {{- raise_exception('Only text and image blocks are supported in message content!') }}
-                {%- endif %}
-            {%- endfor %}
-            {{- '[/INST]' }}
-        {%- endif %}
-    {%- elif message['role'] == 'system' %}
-        {%- if message['content'] is string %}
-            {{- '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}
-        {%- else %}
-            {{- '[SYSTEM_PROMPT]' + message['content'][0]['text'] + '[/SYSTEM_PROMPT]' }}
-        {%- endif %}
-    {%- elif message['role'] == 'assistant' %}
-        {%- if message['content'] is string %}
-            {{- message['content'] + eos_token }}
-        {%- else %}
-            {{- message['content'][0]['text'] + eos_token }}
-        {%- endif %}
-    {%- else %}
-        {{- raise_exception('Only user, system and assistant roles are supported!') }}
-    {%- endif %}
-{%- endfor %}"""
-
-WORDS = (
-    "a photo of the cat dog sitting on red blue green chair table under bright sunny day night city "
-    "portrait painting oil style highly detailed cinematic lighting astronaut riding horse mars café naïve "
-    "résumé Zürich straße Ελλάδα москва 東京 日本語 🙂 🐱 4k 8k 1024 3.5 it's don't"
-).split()
 AWKWARD = [
     "",
     "a photo of a cat",
@@ -201,67 +47,14 @@ AWKWARD = [
 ]
 
 
-def _corpus(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n)]
-
-
-def _bpe(split: str, special: list[str], added: list[str], bos: str | None, vocab_size: int = 400):
-    """A byte-level BPE as Qwen2's / tekken's tokenizer.json: regex split, byte-level alphabet, special tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors, trainers
-    from tokenizers.models import BPE
-
-    tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(400, 0), trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
-    if bos:  # Mistral's tokenizer.json adds <s> when asked for special tokens (the chat path never asks)
-        bos_id = tok.token_to_id(bos)
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    assert tok.get_vocab_size() <= TINY.vocab_size
-    return tok
-
-
 @pytest.fixture(scope="module")
 def qwen_tokenizer(tmp_path_factory):
-    """A Qwen3-style tokenizer folder: chat template and pad token in tokenizer_config.json."""
-    from tokenizers import normalizers
-
-    d = tmp_path_factory.mktemp("qwen_tokenizer")
-    tok = _bpe(QWEN_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["<think>", "</think>"], None)
-    tok.normalizer = normalizers.NFC()
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "bos_token": None, "unk_token": None,
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 40960,
-        "chat_template": QWEN3_TEMPLATE,
-    }))
-    return d
+    return write_qwen_tokenizer(tmp_path_factory.mktemp("qwen_tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def mistral_tokenizer(tmp_path_factory):
-    """A Mistral-style processor folder: the template in chat_template.jinja, left padding with <pad>."""
-    d = tmp_path_factory.mktemp("mistral_tokenizer")
-    special = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "<pad>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
-    _bpe(TEKKEN_SPLIT, special, [], "<s>").save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "TokenizersBackend", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "pad_token": "<pad>", "padding_side": "left", "model_max_length": 131072,
-    }))
-    (d / "chat_template.jinja").write_text(MISTRAL_TEMPLATE)
-    return d
+    return write_mistral_tokenizer(tmp_path_factory.mktemp("mistral_tokenizer"))
 
 
 def _bf16_exact(model):
