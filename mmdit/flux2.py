@@ -96,8 +96,9 @@ class Flux2Params:
         return replace(self, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
 
 
-# Transformer configs of the official Diffusers repos (black-forest-labs/FLUX.2-dev, FLUX.2-klein-4B,
-# FLUX.2-klein-9B `transformer/config.json`). The distilled and base [klein] share a layout.
+# Transformer configs of the official checkpoints: Diffusers `scripts/convert_flux2_to_diffusers.py`
+# (`get_flux2_transformer_config`: "flux2-dev", "klein-4b", "klein-9b"), the script that converts BFL's files
+# for the Diffusers repos. The distilled and base [klein] share a layout.
 PRESETS = {
     "flux2-dev": Flux2Params(),
     "flux2-klein-4b": Flux2Params(context_in_dim=7680, hidden_size=3072, num_heads=24, depth=5,

@@ -34,7 +34,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_hub import Hub, repo_files
 
-from convert import detect_transformer, load_transformer
+from convert import CheckpointError, detect_transformer, load_transformer
 from convert.__main__ import main as convert_main
 from convert.autoencoder_flux2 import load_autoencoder_flux2
 from mmdit.attention import attention_reference
@@ -210,6 +210,23 @@ def test_distilled_or_base(tmp_path):
         assert is_distilled(tmp_path / "repo") is expected
     assert is_distilled(Path("flux-2-klein-4b.safetensors")) and is_distilled(Path("flux-2-klein-9b-fp8.safetensors"))
     assert not is_distilled(Path("flux-2-klein-base-4b.safetensors"))
+
+
+def test_parts_by_keyword(klein, single, tmp_path):
+    """A single file alone: an error saying what to pass; the parts by keyword (an LLM's own folder holds its
+    tokenizer: `llm=` is enough). The file's name makes it the base model."""
+    _, folder, _ = klein
+    file = tmp_path / "flux-2-klein-base-4b.safetensors"
+    shutil.copy(single / "flux-2-klein-4b.safetensors", file)
+    with pytest.raises(CheckpointError, match="did not find the LLM text encoder: pass llm=FOLDER"):
+        load_pipeline(file, vae=folder / "vae")
+    own = shutil.copytree(folder / "text_encoder", tmp_path / "Qwen3-tiny")
+    for f in (folder / "tokenizer").iterdir():
+        shutil.copy(f, own)
+    pipe = load_pipeline(file, vae=single / "ae.safetensors", llm=own)
+    assert pipe.variant == "flux2-klein-base-like (custom size)" and pipe.defaults == DEFAULTS["flux2-klein-base"]
+    with torch.no_grad():
+        assert torch.equal(pipe.encode_prompt(PROMPTS)[0], load_pipeline(folder).encode_prompt(PROMPTS)[0])
 
 
 def test_mmdit_sample_writes_the_png_with_its_settings(one_thread, klein, single, tmp_path):
