@@ -154,14 +154,14 @@ class AutoEncoderFlux2(WeightsModule):
         return ldm.tiled(self._decode, z, tile, overlap, self.params.downscale, self.params.out_ch)
 
     def _statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """running_mean and sqrt(running_var + eps) as (1, C, 1, 1), fp32."""
+        """running_mean and sqrt(running_var + eps) as (1, C, 1, 1), fp32, on x's device (the weights may be offloaded)."""
         if x.shape[1] != self.params.latent_channels:
             raise ValueError(
                 f"expected patchified latents with {self.params.latent_channels} channels, got {x.shape[1]} "
                 "(patchify the 32-channel latents first)"
             )
-        mean = self.bn.running_mean.float().view(1, -1, 1, 1)
-        std = (self.bn.running_var.float() + self.params.bn_eps).sqrt().view(1, -1, 1, 1)
+        mean = self.bn.running_mean.to(x.device, torch.float32).view(1, -1, 1, 1)
+        std = (self.bn.running_var.to(x.device, torch.float32) + self.params.bn_eps).sqrt().view(1, -1, 1, 1)
         return mean, std
 
     def normalize(self, x: Tensor) -> Tensor:

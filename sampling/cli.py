@@ -65,8 +65,10 @@ def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
     p.add_argument("--model", help="Diffusers folder, official single file, or hub repo id (owner/name[/file.safetensors]) "
                    "(default: the tiny model shipped in assets/tiny-flux)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, help="FLUX-dev: distilled guidance; SD3: CFG scale (default: the model's)")
-    p.add_argument("--negative", help="negative prompt for SD3's CFG, or FLUX's with --true-cfg (default: none; SD3 uses \"\")")
+    p.add_argument("--guidance", type=float,
+                   help="FLUX-dev, FLUX.2-dev: distilled guidance; SD3, FLUX.2-klein base: CFG scale (default: the model's)")
+    p.add_argument("--negative", help="negative prompt for the CFG of SD3 and FLUX.2-klein base, or FLUX's with "
+                   "--true-cfg (default: none; SD3 and FLUX.2 use \"\")")
     p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX: true CFG scale with --negative (default 1: off)")
     p.add_argument("--slg", type=int, nargs="+", metavar="LAYER",
                    help="SD3: skip-layer guidance, skipping these joint blocks (SD3.5 Medium: 7 8 9); needs CFG (default off)")

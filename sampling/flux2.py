@@ -9,11 +9,12 @@ What the three family specifics of sampling/pipeline.py are for FLUX.2 (Diffuser
   the empirical mu of BFL, a function of the image token count *and* the step count (`empirical_mu`).
   Your own `sigmas=` are shifted the same way, as Diffusers' `pipe(sigmas=...)` does; mu then uses
   `steps` (Diffusers: `num_inference_steps`).
-- `guidance_for`: [dev] takes the guidance scale as an input (guidance-distilled, 4.0); [klein] base
-  runs classifier-free guidance with a negative prompt ("" by default), both branches in one batch
-  [negative | positive] (Diffusers runs two forwards: the same result); [klein] distilled has no
-  guidance at all: a scale > 1 is ignored with a warning, as Diffusers does, and `guidance_applies`
-  is False. Distilled or base: a folder's model_index.json `is_distilled` (Diffusers' own flag,
+- `guidance_for`: [dev] takes the guidance scale as an input (guidance-distilled, 4.0) and no negative
+  prompt (Diffusers' `Flux2Pipeline` has none); [klein] base runs classifier-free guidance when the
+  scale is > 1, with a negative prompt ("" by default, Diffusers' `negative_prompt_embeds`), both
+  branches in one batch [negative | positive] (Diffusers runs two forwards: the same result); [klein]
+  distilled has no guidance at all: a scale > 1 (or a negative prompt) is ignored with a warning, as
+  Diffusers does, and `guidance_applies` is False. Distilled or base: a folder's model_index.json `is_distilled` (Diffusers' own flag,
   False when absent) wins; a single file goes by its name (`flux-2-klein-base-4b.safetensors` is the
   base model), the only hint there is, as for SD3.5 Large vs Large Turbo (`is_distilled`).
 The sampler's latents are the autoencoder's latents (B, 32, H/8, W/8) in its *normalized* space:
@@ -172,17 +173,17 @@ class Flux2Pipeline(Pipeline):
         return flux2_sigmas(steps, (latent_h // 2) * (latent_w // 2), sigmas)
 
     def guidance_for(self, prompts, guidance, negative_prompt, true_cfg) -> Guidance:
-        if not self.klein:  # [dev]: the distilled scale is an input; true CFG on top, as FLUX.1's
-            if negative_prompt is None or true_cfg <= 1:
-                return Guidance(distilled=guidance)
-            negative = Conditioning(*self.encode_prompt(negatives(negative_prompt, len(prompts))))
-            return Guidance(distilled=guidance, negative=negative, cfg=true_cfg)
+        if not self.klein:  # [dev]: the distilled scale is an input of the model
+            if negative_prompt is not None:
+                raise ValueError("FLUX.2 [dev] is guidance-distilled and takes no negative prompt "
+                                 "(Diffusers' Flux2Pipeline has none): use the guidance scale")
+            return Guidance(distilled=guidance)
         if self.distilled:
-            if guidance > 1:
-                warnings.warn(f"guidance {guidance} is ignored: this FLUX.2 [klein] is step-distilled (no CFG)",
-                              stacklevel=3)
+            if guidance > 1 or negative_prompt is not None:  # Diffusers warns of the scale alike
+                warnings.warn(f"guidance {guidance} is ignored, and any negative prompt: this FLUX.2 [klein] is "
+                              "step-distilled (no CFG)")
             return Guidance()
-        if guidance <= 1:  # base [klein] without CFG
+        if guidance <= 1:  # base [klein] without CFG (the negative prompt unused, as for SD3)
             return Guidance()
         negative = Conditioning(*self.encode_prompt(negatives(negative_prompt or "", len(prompts))))
         return Guidance(negative=negative, cfg=guidance)
@@ -209,8 +210,7 @@ class Flux2Pipeline(Pipeline):
 
     def autoencoder_latents(self, latents: Tensor) -> Tensor:
         """De-normalized in the patchified 128-channel space: `x * sqrt(running_var + eps) + running_mean`."""
-        with self._running(self.autoencoder):
-            return unpatchify(self.autoencoder.denormalize(patchify(latents)))
+        return unpatchify(self.autoencoder.denormalize(patchify(latents)))
 
 
 def prompt_format(encoder: nn.Module) -> str:

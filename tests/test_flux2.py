@@ -13,6 +13,7 @@ from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkp
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline as P
 from safetensors.torch import save_file
 
+import mmdit
 import mmdit.attention
 from convert.files import Checkpoint, CheckpointError
 from convert.flux2 import DIFFUSERS_TO_BFL, params_from_diffusers_config, params_from_native, variant_name
@@ -206,6 +207,11 @@ def test_presets_are_the_official_configs(one_thread):
     assert counts == {"flux2-dev": 32_223_281_152, "flux2-klein-4b": 3_875_544_576, "flux2-klein-9b": 9_078_581_248}
     with torch.device("meta"):
         assert len(Flux2(PRESETS["flux2-dev"]).state_dict()) == 299
+    for name, p in PRESETS.items():  # tiny: the same layout and input widths, two blocks of each kind
+        tiny = p.tiny()
+        assert (tiny.depth, tiny.depth_single_blocks, tiny.head_dim, tiny.context_in_dim) == (2, 2, 128, p.context_in_dim)
+        model = mmdit.build_model(tiny)
+        assert type(model) is Flux2 and model.family == tiny.family == "flux2" and model.params == tiny
 
 
 def test_positions_and_packing_are_diffusers():

@@ -134,6 +134,10 @@ def test_klein_distilled_single_file_with_references(one_thread, klein, single, 
     expected = ref(prompt=PROMPTS, sigmas=[1.0, 0.6], num_inference_steps=2, **run).images
     assert rel_err(images, expected) <= TOL
 
+    with pytest.warns(UserWarning, match="guidance 1.0 is ignored, and any negative prompt"):
+        again = pipe.generate(PROMPTS, height=64, width=48, noise=x, output="tensor", images=[second],
+                              sigmas=[1.0, 0.6], steps=2, negative_prompt="blurry")
+    assert torch.equal(again, images)
     with probe_attention(pipe.transformer) as probe:
         taca = pipe.generate(PROMPTS, height=64, width=48, noise=x, output="tensor", images=[second], steps=2,
                              temperature=1.25)
@@ -164,6 +168,8 @@ def test_dev_pipeline_matches_diffusers(one_thread, tmp_path):
     assert rel_err(images, ref(prompt=PROMPTS, output_type="pt", **run).images) <= TOL
     other = pipe.generate(PROMPTS, height=48, width=64, steps=2, guidance=1.5, noise=x, output="latent")
     assert rel_err(other, latents) > 1e-3  # the guidance scale is used
+    with pytest.raises(ValueError, match=r"\[dev\] is guidance-distilled and takes no negative prompt"):
+        pipe.generate(PROMPTS, height=48, width=64, steps=1, noise=x, negative_prompt="blurry")
 
 
 def test_schedule_matches_diffusers():
@@ -330,7 +336,8 @@ def test_hub_ids(klein, single, tmp_path):
         expected = pipe.generate(PROMPTS, height=64, width=48, steps=1, noise=x, output="latent")  # its own guidance
         assert rel_err(load_file(tmp_path / f"{i}.safetensors")["latents"], expected) <= 1e-6
     fetched = [f.removeprefix("tiny/flux2-klein:") for f in Hub.fetched]
-    split = fetched.index("model_index.json")  # where the Diffusers repo's own downloads begin
+    # the file's downloads end with vae/ (its last snapshot); the repo's find vae/ cached
+    split = 1 + max(i for i, f in enumerate(fetched) if f.startswith("vae/"))
     for_file, for_repo = set(fetched[:split]), set(fetched[split:])
     assert {"flux-2-klein-4b.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
             "tokenizer/tokenizer.json", "tokenizer/chat_template.jinja"} <= for_file
