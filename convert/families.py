@@ -1,6 +1,6 @@
 """The transformer families this package reads: family name -> its layout module.
 
-Every layout module (convert/flux.py, convert/sd3.py) defines the same names; transformer loading
+Every layout module (convert/flux.py, convert/flux2.py, convert/sd3.py) defines the same names; transformer loading
 (convert/load.py), LoRA loading (convert/lora.py, convert/lora_formats.py) and the random
 checkpoints (convert/synthetic.py) use nothing else of it:
 
@@ -17,9 +17,12 @@ checkpoints (convert/synthetic.py) use nothing else of it:
 | `diffusers_keymap(params)` | the Diffusers -> ours `KeyMap` for a model of these params |
 | `variant_name(params)` | the preset name, or what the params are like |
 
-Adding a family: write its layout module with these names and list it here.
+Adding a family: write its layout module with these names and list it here. Detection tries the
+families in this order and takes the first whose probe key the file has: FLUX.2 comes before FLUX.1,
+because a FLUX.2 file also has FLUX.1's probe key (Diffusers `loaders/single_file_utils.py`
+`infer_diffusers_model_type` tests "flux-2-dev" before "flux-dev" for the same reason).
 """
 
-from . import flux, sd3
+from . import flux, flux2, sd3
 
-FAMILIES = {"flux": flux, "sd3": sd3}
+FAMILIES = {"flux2": flux2, "flux": flux, "sd3": sd3}  # ordered: see above

@@ -32,10 +32,10 @@ from .mapping import KeyMap
 
 @dataclass
 class Detected:
-    family: str  # a key of FAMILIES: "flux" | "sd3"
+    family: str  # a key of FAMILIES: "flux2" | "flux" | "sd3"
     layout: str  # the family's NATIVE ("bfl" | "sai") or "diffusers"
     variant: str
-    params: object  # FluxParams | SD3Params
+    params: object  # FluxParams | Flux2Params | SD3Params
     ckpt: Checkpoint  # the transformer's keys, prefix removed
     keymap: KeyMap | None  # None: keys are ours already
     source: str
@@ -101,7 +101,7 @@ def _params(read, arg, src: str):
 
 
 def load_transformer(path, device="cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load a FLUX or SD3 transformer from any supported layout; family and config come from the file.
+    """Load a FLUX, FLUX.2 or SD3 transformer from any supported layout; family and config come from the file.
 
     dtype: defaults to the file's own (float8 files are upcast to bfloat16).
     """

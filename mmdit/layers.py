@@ -47,13 +47,13 @@ def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -
 
 
 class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear (BFL's names: `in_layer`, `out_layer`)."""
+    """Linear -> SiLU -> Linear (BFL's names: `in_layer`, `out_layer`; FLUX.2 has no biases)."""
 
-    def __init__(self, in_dim: int, hidden: int):
+    def __init__(self, in_dim: int, hidden: int, bias: bool = True):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
+        self.in_layer = nn.Linear(in_dim, hidden, bias=bias)
         self.silu = nn.SiLU()
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.out_layer = nn.Linear(hidden, hidden, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(self.silu(self.in_layer(x)))
@@ -95,13 +95,13 @@ def modulations(emb: Tensor, n: int) -> list[Modulation]:
 
 
 class LastLayer(nn.Module):
-    """adaLN (shift first, as in BFL and SAI), then the projection to patch values."""
+    """adaLN (shift first, as in BFL and SAI), then the projection to patch values (FLUX.2: no biases)."""
 
-    def __init__(self, hidden: int, out_features: int):
+    def __init__(self, hidden: int, out_features: int, bias: bool = True):
         super().__init__()
         self.norm_final = layer_norm(hidden)
-        self.linear = nn.Linear(hidden, out_features)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_features, bias=bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=bias))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         (mod,) = modulations(self.adaLN_modulation(vec), 2)  # (shift, scale)

@@ -3,8 +3,8 @@
 Both subcommands take the same flags for the run (`add_run_arguments`), turned into a loaded pipeline
 and `generate`'s keyword arguments in one place (`load_run`):
 - `mmdit sample PROMPT` writes a PNG whose text chunks hold every setting used (prompt, model, variant,
-  steps, guidance, seed, taca, size, version; negative prompt, true CFG, skip-layer guidance, LoRAs and
-  the display upscale when used), so an image can be made again;
+  steps, guidance, seed, taca, size, version; negative prompt, true CFG, skip-layer guidance, LoRAs,
+  FLUX.2's reference images and the display upscale when used), so an image can be made again;
 - `mmdit probe PROMPT` runs the same sampling without decoding, records per step and layer the
   attention mass image queries give to text keys, and writes it as a CSV and a heat map
   (sampling/probe.py).
@@ -143,8 +143,8 @@ def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
     p.add_argument("--model", help="Diffusers folder, official single file, or hub repo id (owner/name[/file.safetensors]) "
                    "(default: the tiny model shipped in assets/tiny-flux)")
     p.add_argument("--steps", type=integer(1, MAX_STEPS), help=f"sampling steps, 1 to {MAX_STEPS} (default: the model's)")
-    p.add_argument("--guidance", type=number(0), help="FLUX-dev: distilled guidance; SD3: CFG scale (default: the model's)")
-    p.add_argument("--negative", help="negative prompt for SD3's CFG, or FLUX's with --true-cfg (default: none; SD3 uses \"\")")
+    p.add_argument("--guidance", type=number(0), help="FLUX-dev, FLUX.2-dev: distilled guidance; SD3, FLUX.2-klein base: CFG scale (default: the model's)")
+    p.add_argument("--negative", help="negative prompt for the CFG of SD3 and FLUX.2-klein base, or FLUX's with --true-cfg (default: none; SD3 and FLUX.2 use \"\")")
     p.add_argument("--true-cfg", type=number(1),
                    help=f"FLUX: true CFG scale with --negative (default {FLAG_DEFAULTS['true_cfg']:g}: off)")
     p.add_argument("--slg", type=integer(0), nargs="+", metavar="LAYER",
@@ -168,6 +168,9 @@ def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
                         "the transformer part is on only in the TACA steps")
     p.add_argument("--lora-scale", type=number(),
                    help=f"strength of every --lora (default {FLAG_DEFAULTS['lora_scale']})")
+    p.add_argument("--image", type=Path, action="append", default=[], metavar="FILE",
+                   help="FLUX.2: a reference image to edit or compose from (repeatable; default none); the output "
+                        "takes the first one's size unless --size is given")
     p.add_argument("--size", type=parse_size, metavar="WxH",
                    help=f"multiples of 16, at most {MAX_SIDE} and what the model allows (SD3: its position table) "
                         "(default: the model's, 1024x1024; the tiny model 32x32)")
@@ -290,7 +293,12 @@ def load_run(args: argparse.Namespace) -> tuple[Pipeline, dict]:
     image_size = None if args.size is None else args.size[::-1]  # (height, width)
     pipe = load_pipeline(args.model or default_model(), device=device, dtype=dtype, offload=offload,
                          image_size=image_size)
+    images = [Image.open(f) for f in args.image]  # FLUX.2's reference images (editing)
+    if images and pipe.family != "flux2":
+        raise ValueError(f"--image: reference images are for FLUX.2 models; this is a {pipe.family} model")
     width, height = args.size or (pipe.defaults.size, pipe.defaults.size)
+    if images and args.size is None:  # the output takes the first reference's size, as Diffusers
+        width, height = pipe.reference_size(images[0])
     if hasattr(args, "upscale"):  # mmdit sample
         args.upscale = pipe.defaults.upscale if args.upscale is None else args.upscale
         check_upscale(width, height, args.upscale)
@@ -307,6 +315,7 @@ def load_run(args: argparse.Namespace) -> tuple[Pipeline, dict]:
         temperature=None if args.taca is None else TacaSchedule(args.taca, value["taca_until"]),
         skip_guidance_layers=args.slg, skip_layer_guidance_scale=value["slg_scale"],
         skip_layer_guidance_start=value["slg_start"], skip_layer_guidance_stop=value["slg_stop"],
+        images=images or None,
     )
     for name, why in pipe.inert(settings["guidance"], settings["negative_prompt"], settings["true_cfg"]).items():
         flag = GUIDANCE_FLAGS[name]
@@ -346,6 +355,8 @@ def png_text(args: argparse.Namespace, pipe: Pipeline, settings: dict) -> dict[s
     if args.lora:
         scale = FLAG_DEFAULTS["lora_scale"] if args.lora_scale is None else args.lora_scale
         text["lora"] = ", ".join(f"{f.name} x{scale}" for f in args.lora)
+    if args.image:
+        text["images"] = ", ".join(f.name for f in args.image)
     return {k: str(v) for k, v in text.items()}
 
 

@@ -2,9 +2,10 @@
 
 - `owner/name`: a Diffusers-format repo; only model_index.json and the pipeline's folders are fetched
   (never the single files, `text_encoders/` or pickled weights the same repos also hold).
-- `owner/name/file.safetensors`: that file, then only the companions it still needs: FLUX's
-  `ae.safetensors` and encoder/tokenizer folders; for SD3, the tokenizers and whatever is not
-  bundled in the file (`text_encoders/clip_l`, `clip_g`, `t5xxl_fp16`, `vae/`).
+- `owner/name/file.safetensors`: that file, then only the companions it still needs: FLUX's and
+  FLUX.2's `ae.safetensors` (else, as in the FLUX.2 [klein] repos, `vae/`) and encoder/tokenizer
+  folders; for SD3, the tokenizers and whatever is not bundled in the file (`text_encoders/clip_l`,
+  `clip_g`, `t5xxl_fp16`, `vae/`).
 huggingface_hub does the rest as usual: HF_TOKEN for gated or private repos, HF_HUB_OFFLINE and
 HF_HOME / HF_HUB_CACHE for the cache, HF_ENDPOINT for the server. Its errors are turned into one
 message saying what to do.
@@ -32,7 +33,8 @@ from convert.files import Checkpoint
 from .parts import AE_PREFIXES, BUNDLED, DIFFUSERS_DIRS, SAI_FILES
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-WEIGHT_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")  # configs, weights, BPE files, sentencepiece
+# configs, weights, BPE files, sentencepiece, chat templates (FLUX.2's LLM tokenizers)
+WEIGHT_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")
 
 
 class HubError(RuntimeError):
@@ -49,7 +51,7 @@ def _diffusers_dirs(family: str) -> list[str]:
 
 
 DIFFUSERS_PATTERNS = ["model_index.json", "scheduler/*.json", *_folders(
-    "transformer", "vae", *dict.fromkeys(_diffusers_dirs("flux") + _diffusers_dirs("sd3"))
+    "transformer", "vae", *dict.fromkeys(d for family in DIFFUSERS_DIRS for d in _diffusers_dirs(family))
 )]
 
 
@@ -64,12 +66,18 @@ def parse(source: str) -> tuple[str, str | None] | None:
     return None
 
 
+def _prefix(path_in_repo: str) -> str:
+    """The folder of a file in its repo, as a pattern prefix ("" or "dir/")."""
+    d = os.path.dirname(path_in_repo)
+    return f"{d}/" if d else ""
+
+
 def companions(file: Path, path_in_repo: str) -> list[str]:
     """Patterns of the files a downloaded single file needs beside it (see the module docstring)."""
-    d = os.path.dirname(path_in_repo)
-    prefix = f"{d}/" if d else ""
-    if detect_transformer(file).family == "flux":
-        return [f"{prefix}ae.safetensors", *_folders(*_diffusers_dirs("flux"), prefix=prefix)]
+    prefix = _prefix(path_in_repo)
+    family = detect_transformer(file).family
+    if family in ("flux", "flux2"):
+        return [f"{prefix}ae.safetensors", *_folders(*_diffusers_dirs(family), prefix=prefix)]
     keys = list(Checkpoint.open(file))
     bundled = {p for p in (*AE_PREFIXES, *BUNDLED.values()) if any(k.startswith(p) for k in keys)}
     patterns = _folders(*(tok for _, tok in DIFFUSERS_DIRS["sd3"].values()), prefix=prefix)
@@ -138,4 +146,7 @@ def resolve(source: str, revision: str | None = None) -> tuple[Path, str]:
     with _explained(repo, file):
         local = Path(hf_hub_download(repo, file, revision=revision))
         snapshot_download(repo, revision=revision, allow_patterns=companions(local, file))
+        if not (local.parent / "ae.safetensors").is_file() and detect_transformer(local).family in ("flux", "flux2"):
+            # no BFL autoencoder beside it (the FLUX.2 [klein] repos): the Diffusers vae/ folder
+            snapshot_download(repo, revision=revision, allow_patterns=_folders("vae", prefix=_prefix(file)))
     return local, source

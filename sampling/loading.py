@@ -2,15 +2,18 @@
 
 A source is
 - a Diffusers-style folder (model_index.json; transformer/, vae/, text_encoder*/, tokenizer*/);
-- an official single file: FLUX `flux1-dev.safetensors` (BFL) with `ae.safetensors` beside it, or an
+- an official single file: FLUX `flux1-dev.safetensors` (BFL) with `ae.safetensors` beside it, FLUX.2
+  `flux2-dev.safetensors` / `flux-2-klein-4b.safetensors` (BFL) with `ae.safetensors` or `vae/` and the
+  `text_encoder/`, `tokenizer/` folders beside it, or an
   SAI `sd3.5_*.safetensors` whose encoders and autoencoder are bundled (`text_encoders.*`,
   `first_stage_model.*`) or lie beside it (`text_encoders/clip_l.safetensors`, ...);
 - a hub repo id (`owner/name`, or `owner/name/file.safetensors` for a single file in it),
   downloaded with only the files needed (sampling/hub.py).
-Any part can be given by keyword instead (`vae=`, `clip_l=`, `clip_g=`, `t5=`, `clip_l_tokenizer=`,
-`clip_g_tokenizer=`, `t5_tokenizer=`); what is not given is looked for where the official layouts
-put it (sampling/parts.py). The family comes from the transformer's weights, never from a name; the
-name only tells SD3.5 Large Turbo from Large.
+Any part can be given by keyword instead (`vae=`, `clip_l=`, `clip_g=`, `t5=`, `llm=` (FLUX.2's text
+encoder folder), and each encoder's `..._tokenizer=`); what is not given is looked for where the official
+layouts put it (sampling/parts.py). The family comes from the transformer's weights, never from a name;
+the name only tells SD3.5 Large Turbo from Large, and a FLUX.2 [klein] single file's base model from the
+distilled one (sampling/flux2.py `is_distilled`).
 
 A Diffusers folder's `model_index.json` may mark a part as absent on purpose (`"text_encoder": [null,
 null]`, Diffusers' convention for optional components): that text encoder's features are then zeros
@@ -35,15 +38,19 @@ from pathlib import Path
 import torch
 
 from convert import Detected, detect_transformer, load_autoencoder, load_text_encoder, load_tokenizer, load_transformer
+from convert.autoencoder_flux2 import load_autoencoder_flux2
 from convert.files import CheckpointError, read_config
+from convert.llm import load_chat_tokenizer, load_llm_encoder
+from mmdit.chat_tokenizer import MAX_LENGTH
 from mmdit.pixel_codec import is_pixel_codec, load_pixel_codec
 from mmdit.tokenizer import CLIPTokenizer
 
+from .flux2 import Flux2Pipeline, is_distilled, prompt_format
 from .hub import resolve
 from .limits import check_size
 from .offload import EVERY_PART, check_offload
 from .parts import DIFFUSERS_DIRS, ROLES, Part, absent_on_purpose, find_parts, model_index
-from .pipeline import PIPELINES, Defaults, Pipeline
+from .pipeline import Defaults, FluxPipeline, Pipeline, SD3Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ EXTRA_INPUTS = {
     "flux-depth/canny": "a control image's latents, a depth map or Canny edges (FLUX.1 Depth/Canny: Diffusers "
                         "FluxControlPipeline)",
 }
+PIPELINES = {cls.family: cls for cls in (FluxPipeline, Flux2Pipeline, SD3Pipeline)}  # by the transformer's family
 
 
 def default_model() -> str:
@@ -77,10 +85,12 @@ def _missing(name: str, source: Path) -> CheckpointError:
         "clip_l": "the CLIP-L text encoder: pass clip_l=PATH (clip_l.safetensors or a text_encoder/ folder)",
         "clip_g": "the CLIP-G text encoder: pass clip_g=PATH (clip_g.safetensors or a text_encoder_2/ folder)",
         "t5": "the T5 text encoder: pass t5=PATH (t5xxl_fp16.safetensors or a text_encoder folder)",
+        "llm": "the LLM text encoder: pass llm=FOLDER (a text_encoder/ folder: Qwen3 [klein], Mistral-Small [dev])",
     }
     base = name.removesuffix("_tokenizer")
     if name.endswith("_tokenizer"):
-        kind = "spiece.model or tokenizer.json" if base == "t5" else "vocab.json and merges.txt"
+        kinds = {"t5": "spiece.model or tokenizer.json", "llm": "tokenizer.json and a chat template"}
+        kind = kinds.get(base, "vocab.json and merges.txt")
         return CheckpointError(f"{source}: no {base} tokenizer found: pass {name}=FOLDER (holding {kind})")
     return CheckpointError(f"{source}: did not find {what[base]}")
 
@@ -128,13 +138,13 @@ def load_pipeline(
     image_size: tuple[int, int] | None = None,
     **given: str | os.PathLike | None,
 ) -> Pipeline:
-    """Load a FLUX or SD3 pipeline from a folder, a single file or a hub repo id (see the module docstring).
+    """Load a FLUX, FLUX.2 or SD3 pipeline from a folder, a single file or a hub repo id (see the module docstring).
 
     dtype: every part's (default: each file's own; float8 is upcast to bfloat16).
     offload: which parts stay on the CPU and come to `device` only while they run: None, "encoders",
         "stream-encoders", "model" or "stream" (sampling/offload.py). `offload_encoders=True` is
         `offload="encoders"`.
-    max_sequence_length: T5 tokens (default FLUX 512, SD3 256, as Diffusers).
+    max_sequence_length: T5 tokens (default FLUX 512, SD3 256, as Diffusers); FLUX.2: LLM tokens (512).
     image_size: (height, width) in pixels that `generate` will be asked for: checked against the model
         (`sampling.limits.check_size`: SD3's position table) before the transformer and the text encoders
         are loaded (the autoencoder, which sets the pixels per latent, is loaded first).
@@ -161,6 +171,8 @@ def load_pipeline(
     vae, ae_device = parts["vae"].path, "cpu" if everything else device
     if is_pixel_codec(vae):
         ae = load_pixel_codec(vae, device=ae_device, dtype=dtype)
+    elif family == "flux2":
+        ae = load_autoencoder_flux2(vae, device=ae_device, dtype=dtype)
     else:
         ae = load_autoencoder(vae, family=family, device=ae_device, dtype=dtype)
     if image_size is not None:
@@ -175,9 +187,16 @@ def load_pipeline(
                 log.warning("%s: no %s text encoder%s; its features are zeros", path, role, "" if enc is None else " tokenizer")
             encoders[role] = tokenizers[role] = None
             continue
+        if role == "llm":  # FLUX.2: one LLM (only the layers used) and its chat tokenizer (convert/llm.py)
+            encoders[role] = load_llm_encoder(enc.path, device=enc_device, dtype=dtype)
+            tokenizers[role] = load_chat_tokenizer(tok.path, prompt_format(encoders[role]),
+                                                   max_length=max_sequence_length or MAX_LENGTH)
+            continue
         encoders[role] = load_text_encoder(enc.path, device=enc_device, dtype=dtype, prefix=enc.prefix)
         tokenizers[role] = _tokenizer(tok, role, family, max_sequence_length)
     kwargs = {"max_sequence_length": max_sequence_length or T5_LENGTH["sd3"]} if family == "sd3" else {}
+    if family == "flux2":
+        kwargs["distilled"] = is_distilled(path)
     own_defaults = model_index(path).get("sampling_defaults")
     if own_defaults is not None:
         kwargs["defaults"] = Defaults(**own_defaults)

@@ -1,8 +1,8 @@
 """Where the parts of a model lie: the Diffusers folder layout and SAI's single files (docs/formats.md).
 
-A model is its transformer plus an autoencoder and, per text-encoder role (`clip_l`, `clip_g`, `t5`),
-an encoder and a tokenizer. `find_parts` finds each one for a Diffusers folder or an official single
-file; sampling/hub.py uses the same tables to download only those files.
+A model is its transformer plus an autoencoder and, per text-encoder role (`clip_l`, `clip_g`, `t5`;
+FLUX.2's one `llm`), an encoder and a tokenizer. `find_parts` finds each one for a Diffusers folder or
+an official single file; sampling/hub.py uses the same tables to download only those files.
 """
 
 from __future__ import annotations
@@ -72,10 +72,13 @@ def find_parts(source: Path, family: str, given: dict[str, str | os.PathLike | N
     part("vae", ae_prefix, folder / "vae", folder / "ae.safetensors")
     for role in ROLES[family]:
         enc_dir, tok_dir = DIFFUSERS_DIRS[family][role]
-        sai = [d / f for d in (folder / "text_encoders", folder) for f in SAI_FILES[role]]
-        part(role, BUNDLED[role], folder / enc_dir, *sai)
+        sai = [d / f for d in (folder / "text_encoders", folder) for f in SAI_FILES.get(role, ())]
+        part(role, BUNDLED.get(role), folder / enc_dir, *sai)
         part(f"{role}_tokenizer", None, folder / tok_dir)
     if family == "sd3" and parts["clip_g_tokenizer"] is None and parts["clip_l_tokenizer"] is not None:
         # SAI's layout: one CLIP BPE for both encoders; bigG pads with "!" (id 0) (SAI sd3.5 `other_impls.py`)
         parts["clip_g_tokenizer"] = Part(parts["clip_l_tokenizer"].path, pad="!")
+    llm = parts.get("llm")
+    if family == "flux2" and parts["llm_tokenizer"] is None and llm and (llm.path / "tokenizer.json").is_file():
+        parts["llm_tokenizer"] = Part(llm.path)  # an LLM's own repo (Qwen/Qwen3-4B): its tokenizer beside the weights
     return parts

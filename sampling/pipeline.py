@@ -15,6 +15,8 @@ what the transformer receives about a prompt (`encode_prompt`), which noise leve
   prompt ("" by default), both branches in one batch; optionally skip-layer guidance on top
   (`skip_guidance_layers`). SAI sd3.5 `sd3_infer.py` `get_cond`; Diffusers
   `pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`.
+- FLUX.2 (`Flux2Pipeline`, sampling/flux2.py): context = stacked LLM hidden states, no pooled vector;
+  reference images for editing; its latents live in the autoencoder's normalized space.
 Deviation from Diffusers: latents are kept in float32 between steps whatever the model's dtype.
 `generate` checks its arguments before any work (sizes against the model and the memory:
 sampling/limits.py), warns of guidance arguments that would do nothing on the model (`inert`), and
@@ -169,9 +171,9 @@ class Pipeline:
         """The noise levels for `steps` steps at this latent size: (steps + 1,) on the CPU, from 1 to 0."""
         raise NotImplementedError
 
-    def shift(self, latent_h: int, latent_w: int) -> float:
-        """The factor s of the schedule's shift `s t / (1 + (s - 1) t)` at this latent size (1: none), the
-        one `generate(sigmas=...)` applies to the given levels, as Diffusers' scheduler does."""
+    def shift(self, latent_h: int, latent_w: int, steps: int) -> float:
+        """The factor s of the schedule's shift `s t / (1 + (s - 1) t)` at this latent size and step count
+        (1: none), the one `generate(sigmas=...)` applies to the given levels, as Diffusers' scheduler does."""
         raise NotImplementedError
 
     def inert(self, guidance: float | None, negative_prompt, true_cfg: float) -> dict[str, str]:
@@ -183,6 +185,19 @@ class Pipeline:
                      true_cfg: float) -> Guidance:
         """What `generate`'s guidance arguments mean for this family."""
         raise NotImplementedError
+
+    def references(self, images: list[Image.Image]) -> list[Tensor]:
+        """Reference images for editing, as latents the transformer attends to: FLUX.2 only (sampling/flux2.py)."""
+        raise ValueError(f"reference images (images=, --image) are for FLUX.2 models; this is a {self.family} model")
+
+    def autoencoder_latents(self, latents: Tensor) -> Tensor:
+        """The sampled latents as the autoencoder decodes them (here: as they are; FLUX.2 de-normalizes)."""
+        return latents
+
+    @property
+    def guidance_applies(self) -> bool:
+        """Whether `generate`'s guidance scale acts on this model (not on a step-distilled FLUX.2 [klein])."""
+        return True
 
     # ---- the same for every family ----
 
@@ -209,6 +224,7 @@ class Pipeline:
         skip_layer_guidance_start: float = 0.01,
         skip_layer_guidance_stop: float = 0.2,
         noise_levels: list[float] | Tensor | None = None,
+        images: list[Image.Image] | None = None,
     ):
         """Images for the prompts (height and width: default the model's, 1024 for the real ones).
 
@@ -221,8 +237,8 @@ class Pipeline:
         sigmas: your own noise levels instead of the model's schedule, in Diffusers' meaning
             (`pipe(sigmas=...)`, `FlowMatchEulerDiscreteScheduler.set_timesteps`): decreasing, in (0, 1],
             shifted by the model's schedule shift before use (`self.shift`: FLUX-dev exp(mu) of the image
-            size, SD3 3.0, FLUX-schnell none), then 0 appended; `steps` is then their count. SD3:
-            [1.0, 0.75, 0.5, 0.25] -> [1.0, 0.9, 0.75, 0.5, 0.0].
+            size, SD3 3.0, FLUX-schnell none, FLUX.2 exp(mu) of the image size and `steps`), then 0
+            appended; the run has one step per level. SD3: [1.0, 0.75, 0.5, 0.25] -> [1.0, 0.9, 0.75, 0.5, 0.0].
         noise_levels: your own noise levels t used exactly as given (no shift): decreasing, in (0, 1],
             then 0 appended. Give `sigmas` or `noise_levels`, not both.
         true_cfg: FLUX: classifier-free guidance at this scale when > 1 and a negative prompt is given.
@@ -232,8 +248,15 @@ class Pipeline:
             same name (SD3.5 Medium: [7, 8, 9]): the CFG velocity gets `skip_layer_guidance_scale *
             (v_pos - v_skip)`, v_skip the positive branch without these joint blocks, in the steps i of
             N with `N * skip_layer_guidance_start < i < N * skip_layer_guidance_stop`.
+        images (FLUX.2 only): reference images for editing (`references`, sampling/flux2.py); the output
+            takes the first one's size where height or width is not given.
         """
         prompts = as_prompts(prompts)
+        refs = self.references(images) if images else []  # (1, z, h_i, w_i) latents each
+        if refs:
+            f = self.autoencoder.params.downscale
+            height = refs[0].shape[-2] * f if height is None else height
+            width = refs[0].shape[-1] * f if width is None else width
         height = self.defaults.size if height is None else height
         width = self.defaults.size if width is None else width
         if output not in ("pil", "tensor", "latent"):
@@ -260,7 +283,7 @@ class Pipeline:
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {list(shape)} (B, z, H/f, W/f), got {list(noise.shape)}")
         if sigmas is not None:  # (N + 1,) on the CPU
-            levels = given_sigmas(sigmas, self.shift(h, w))
+            levels = given_sigmas(sigmas, self.shift(h, w, steps))
         else:
             levels = given_sigmas(noise_levels) if noise_levels is not None else self.sigmas(steps, h, w)
         slg = None
@@ -273,7 +296,7 @@ class Pipeline:
                               stacklevel=3)
         self._check_memory(height, width, len(prompts), tiled=decode_tile is not None)
 
-        cond = Conditioning(*self.encode_prompt(prompts))
+        cond = Conditioning(*self.encode_prompt(prompts), model_kwargs={"ref_latents": refs} if refs else {})
         guide = replace(self.guidance_for(prompts, guidance, negative_prompt, true_cfg), slg=slg)
         for what, c in (("prompts", cond), ("negative prompts", guide.negative)):
             if c is not None and not all_finite(c.context, c.pooled):
@@ -282,6 +305,7 @@ class Pipeline:
         with self._running(self.transformer):
             latents = denoise(self.transformer, noise.to(self.device, torch.float32), levels, cond, guide,
                               temperature, gate_lora, progress)
+        latents = self.autoencoder_latents(latents)
         if output == "latent":
             return latents
         with self._running(ae):
@@ -308,7 +332,7 @@ class FluxPipeline(Pipeline):
         # dev-type models are shifted by the image size, schnell-type not (BFL's `shift=(name != "flux-schnell")`)
         return flux_sigmas(steps, (latent_h // 2) * (latent_w // 2), shifted=self.transformer.params.guidance_embed)
 
-    def shift(self, latent_h: int, latent_w: int) -> float:
+    def shift(self, latent_h: int, latent_w: int, steps: int) -> float:
         # Diffusers: the dev repos' scheduler shifts by exp(mu) (`use_dynamic_shifting`), schnell's by 1
         if not self.transformer.params.guidance_embed:
             return 1.0
@@ -357,7 +381,7 @@ class SD3Pipeline(Pipeline):
     def sigmas(self, steps: int, latent_h: int, latent_w: int) -> Tensor:
         return sd3_sigmas(steps)
 
-    def shift(self, latent_h: int, latent_w: int) -> float:
+    def shift(self, latent_h: int, latent_w: int, steps: int) -> float:
         return SD3_SHIFT
 
     def inert(self, guidance, negative_prompt, true_cfg) -> dict[str, str]:
@@ -383,5 +407,3 @@ def negatives(negative_prompt: str | list[str], n: int) -> list[str]:
         raise ValueError(f"{len(negs)} negative prompts for {n} prompts")
     return negs
 
-
-PIPELINES = {"flux": FluxPipeline, "sd3": SD3Pipeline}  # family -> class (load_pipeline picks by the transformer's)

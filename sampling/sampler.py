@@ -24,7 +24,7 @@ counts the steps whose latents were still finite; it is read once, at the end, s
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +49,9 @@ class Conditioning:
     """What the transformer receives about the prompts."""
 
     context: Tensor  # (B, L, D_context)
-    pooled: Tensor  # (B, D_pooled)
+    pooled: Tensor | None  # (B, D_pooled); None for FLUX.2, which has no pooled vector
+    # more inputs of every call, the same for each CFG branch: FLUX.2's reference images, {"ref_latents": [...]}
+    model_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ def denoise(
     B, neg, slg = x.shape[0], guidance.negative, guidance.slg
     context, pooled = cond.context, cond.pooled
     if neg is not None:  # CFG: one batch [negative | positive]
-        context, pooled = torch.cat((neg.context, context)), torch.cat((neg.pooled, pooled))
+        context = torch.cat((neg.context, context))
+        pooled = None if pooled is None else torch.cat((neg.pooled, pooled))
     n = context.shape[0]  # B, or 2B with CFG
     g = None if guidance.distilled is None else torch.full((n,), float(guidance.distilled), device=x.device)
     gate_lora = gate_lora and temperature is not None  # a run without TACA leaves any LoRA as it is
@@ -116,7 +119,7 @@ def denoise(
         ts = torch.full((n,), t, device=x.device)  # a fill, not a copy: no sync for a host t
         with lora_enabled(model, False) if gate_lora and temp is None else nullcontext():
             v = model(torch.cat([x] * (n // B)), ts, context, pooled, guidance=g,
-                      temperature=repeat_for_batch(temp, n // B)).float()  # (n, C, h, w)
+                      temperature=repeat_for_batch(temp, n // B), **cond.model_kwargs).float()  # (n, C, h, w)
             if neg is not None:
                 v_neg, v_pos = v.chunk(2)
                 v = v_neg + guidance.cfg * (v_pos - v_neg)

@@ -203,7 +203,7 @@ def test_tiny_keeps_the_layout_and_build_model_picks_by_family():
     class OtherParams:
         family: ClassVar[str] = "flux3"
 
-    with pytest.raises(ValueError, match="no model for the family 'flux3'; known: flux, sd3"):
+    with pytest.raises(ValueError, match="no model for the family 'flux3'; known: flux, flux2, sd3"):
         mmdit.build_model(OtherParams())
 
 
