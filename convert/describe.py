@@ -19,10 +19,13 @@ import torch
 from mmdit import build_model
 
 from .autoencoder import autoencoder_part, autoencoder_shapes, params_from_shapes
+from .autoencoder_flux2 import is_flux2_autoencoder
 from .families import FAMILIES
 from .files import Checkpoint, CheckpointError, Shapes, UnsupportedQuantization, read_config
 from .load import Detected, find_transformer
 from .lora_formats import delta_targets, detect_format, group_keys, is_lora, lora_part, model_targets, strip_prefix
+from .llm import PROBE as LLM_PROBE
+from .llm import llm_config, text_stack_prefix
 from .lora_pieces import lora_config
 from .quant import SUPPORTED
 from .text_encoders import encoder_config, encoder_shapes, find_encoders
@@ -76,8 +79,8 @@ def describe_one(path: Path) -> str:
             raise CheckpointError(problems[0])
         first = ", ".join(list(ckpt)[:3])
         raise CheckpointError(
-            f"{path}: not a file this project loads (a {' or '.join(FAMILIES)} transformer, a T5 or CLIP text "
-            f"encoder, an autoencoder or a LoRA); first keys: {first}"
+            f"{path}: not a file this project loads (a {' or '.join(FAMILIES)} transformer, a T5, CLIP or LLM "
+            f"text encoder, an autoencoder or a LoRA); first keys: {first}"
         )
     return "\n\n".join(sections + [f"also found, but it would not load: {p}" for p in problems])
 
@@ -94,8 +97,27 @@ def _parts(ckpt: Checkpoint, config, path: Path) -> list:
         fields = {"prefix": prefix or "(none)", "dtype": part.describe_storage(), "tensors": len(part), **asdict(cfg)}
         return _lines(f"{path}: {what}", fields)
 
+    def llm():
+        if not any(k.endswith(LLM_PROBE) for k in ckpt):
+            return None
+        prefix = text_stack_prefix(ckpt, str(path))
+        fields = {"prefix": prefix or "(none)", "dtype": ckpt.describe_storage(), "tensors": len(ckpt)}
+        if config is not None:
+            cfg = llm_config(config, None, str(path))
+            fields |= {"layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
+                       "heads (query, key-value)": f"{cfg.num_attention_heads}, {cfg.num_key_value_heads}",
+                       "FLUX.2 context": f"hidden states {list(cfg.out_layers)} stacked: {len(cfg.out_layers) * cfg.hidden_size} wide"}
+            return _lines(f"{path}: a {cfg.arch} LLM text encoder (FLUX.2)", fields)
+        return _lines(f"{path}: an LLM text stack (FLUX.2's text encoder; its config.json tells Qwen3 from Mistral)", fields)
+
     def autoencoder():
         ae = autoencoder_part(ckpt)
+        if ae is not None and is_flux2_autoencoder(ae):
+            z = ae.shape("bn.running_mean")[0]
+            fields = {"layout": "BFL" if "encoder.quant_conv.weight" in ae else "diffusers",
+                      "dtype": ae.describe_storage(), "tensors": len(ae),
+                      "latents": f"normalized by batch-norm statistics over {z} patchified channels"}
+            return _lines(f"{path}: a FLUX.2 autoencoder", fields)
         if ae is None or "decoder.conv_in.weight" not in ae:
             return None
         shape, keymap = autoencoder_shapes(ae, str(path))
@@ -106,7 +128,7 @@ def _parts(ckpt: Checkpoint, config, path: Path) -> list:
         return _lines(f"{path}: an autoencoder", fields)
 
     encoders = [lambda p=p, la=la: encoder(p, la) for p, la in sorted(find_encoders(ckpt).items())]
-    return [transformer, *encoders, autoencoder]
+    return [transformer, *encoders, llm, autoencoder]
 
 
 def describe_transformer(d: Detected) -> str:

@@ -14,7 +14,7 @@ What the three family specifics of sampling/pipeline.py are for FLUX.2 (Diffuser
   scale is > 1, with a negative prompt ("" by default, Diffusers' `negative_prompt_embeds`), both
   branches in one batch [negative | positive] (Diffusers runs two forwards: the same result); [klein]
   distilled has no guidance at all: a scale > 1 (or a negative prompt) is ignored with a warning, as
-  Diffusers does, and `guidance_applies` is False. Distilled or base: a folder's model_index.json `is_distilled` (Diffusers' own flag,
+  Diffusers does, and `mmdit sample` neither applies nor records it (`inert`). Distilled or base: a folder's model_index.json `is_distilled` (Diffusers' own flag,
   False when absent) wins; a single file goes by its name (`flux-2-klein-base-4b.safetensors` is the
   base model), the only hint there is, as for SD3.5 Large vs Large Turbo (`is_distilled`).
 The sampler's latents are the autoencoder's latents (B, 32, H/8, W/8) in its *normalized* space:
@@ -35,7 +35,6 @@ loop keeps the first). mu counts the output's tokens only.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -173,19 +172,27 @@ class Flux2Pipeline(Pipeline):
                 raise ValueError("FLUX.2 [dev] is guidance-distilled and takes no negative prompt "
                                  "(Diffusers' Flux2Pipeline has none): use the guidance scale")
             return Guidance(distilled=guidance)
-        if self.distilled:
-            if guidance > 1 or negative_prompt is not None:  # Diffusers warns of the scale alike
-                warnings.warn(f"guidance {guidance} is ignored, and any negative prompt: this FLUX.2 [klein] is "
-                              "step-distilled (no CFG)")
+        if self.distilled:  # no CFG: a scale or negative prompt given is `inert` (generate warns, as Diffusers)
             return Guidance()
         if guidance <= 1:  # base [klein] without CFG (the negative prompt unused, as for SD3)
             return Guidance()
         negative = Conditioning(*self.encode_prompt(negatives(negative_prompt or "", len(prompts))))
         return Guidance(negative=negative, cfg=guidance)
 
-    @property
-    def guidance_applies(self) -> bool:
-        return not self.distilled
+    def inert(self, guidance, negative_prompt, true_cfg) -> dict[str, str]:
+        out = {}
+        if true_cfg != 1:
+            out["true_cfg"] = "FLUX.2 has no true CFG (the base [klein]'s CFG scale is the guidance scale)"
+        if self.distilled:
+            if guidance is not None:
+                out["guidance"] = "this FLUX.2 [klein] is step-distilled: it takes no guidance scale (no CFG)"
+            if negative_prompt is not None:
+                out["negative_prompt"] = "this FLUX.2 [klein] is step-distilled: no CFG, so no negative prompt"
+        elif self.klein and negative_prompt is not None:
+            cfg = self.defaults.guidance if guidance is None else guidance
+            if cfg <= 1:
+                out["negative_prompt"] = f"FLUX.2 [klein] uses a negative prompt only with CFG (a guidance scale above 1, here {cfg})"
+        return out
 
     def reference_size(self, image: Image.Image) -> tuple[int, int]:
         """(width, height) of a reference image as prepared (`reference_image`): the output's size if it is the first."""

@@ -194,11 +194,6 @@ class Pipeline:
         """The sampled latents as the autoencoder decodes them (here: as they are; FLUX.2 de-normalizes)."""
         return latents
 
-    @property
-    def guidance_applies(self) -> bool:
-        """Whether `generate`'s guidance scale acts on this model (not on a step-distilled FLUX.2 [klein])."""
-        return True
-
     # ---- the same for every family ----
 
     @torch.no_grad()

@@ -39,9 +39,9 @@ class NonFiniteError(FloatingPointError):
     """NaN or Inf where a run needs numbers: the message says where they appeared and what to check."""
 
 
-def all_finite(*tensors: Tensor) -> bool:
-    """True unless a tensor holds NaN or Inf (one read from the device; meta tensors hold no values and pass)."""
-    return all(t.device.type == "meta" or bool(t.isfinite().all()) for t in tensors)
+def all_finite(*tensors: Tensor | None) -> bool:
+    """True unless a tensor holds NaN or Inf (one read from the device; None and meta tensors pass)."""
+    return all(t is None or t.device.type == "meta" or bool(t.isfinite().all()) for t in tensors)
 
 
 @dataclass(frozen=True)

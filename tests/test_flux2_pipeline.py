@@ -10,6 +10,7 @@ Diffusers takes our noise as `latents=_patchify_latents(noise)` (the Contract of
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -45,6 +46,7 @@ from sampling.cli import main as cli_main
 from sampling.flux2 import DEFAULTS, empirical_mu, flux2_sigmas, image_to_tensor, is_distilled, reference_image
 from sampling.pipeline import FluxPipeline
 from sampling.sampler import Guidance
+from sampling.schedules import given_sigmas
 
 TOL = 1e-4
 N_TXT = 512
@@ -119,10 +121,10 @@ def test_klein_distilled_single_file_with_references(one_thread, klein, single, 
     pipe = load_pipeline(single / "flux-2-klein-4b.safetensors")
     assert pipe.distilled and pipe.variant == "flux2-klein-like (custom size)"
     assert pipe.defaults == DEFAULTS["flux2-klein"]
-    assert not pipe.guidance_applies
+    assert set(pipe.inert(4.0, "blurry", 1.0)) == {"guidance", "negative_prompt"}  # step-distilled: no CFG
     first, second = random_image(96, 80, seed=1), random_image(72, 100, seed=2)  # 96x80 and, cropped, 64x96
     x = noise(2, 80, 96, seed=5)
-    with pytest.warns(UserWarning, match="guidance 4.0 is ignored"):
+    with pytest.warns(UserWarning, match="guidance does nothing here: this FLUX.2 .klein. is step-distilled"):
         latents = pipe.generate(PROMPTS, steps=2, guidance=4.0, noise=x, output="latent", images=[first, second])
     expected = ref(prompt=PROMPTS, image=[first, second], num_inference_steps=2, guidance_scale=4.0,
                    latents=P._patchify_latents(x), output_type="latent").images
@@ -135,8 +137,7 @@ def test_klein_distilled_single_file_with_references(one_thread, klein, single, 
     expected = ref(prompt=PROMPTS, sigmas=[1.0, 0.6], num_inference_steps=2, **run).images
     assert rel_err(images, expected) <= TOL
 
-    with pytest.warns(UserWarning, match="guidance 1.0 is ignored, and any negative prompt"):
-        assert pipe.guidance_for(PROMPTS, 1.0, "blurry", 1.0) == Guidance()  # no CFG, no negative branch
+    assert pipe.guidance_for(PROMPTS, 4.0, "blurry", 1.0) == Guidance()  # no CFG, no negative branch
     with probe_attention(pipe.transformer) as probe:
         taca = pipe.generate(PROMPTS, height=64, width=48, noise=x, output="tensor", images=[second], steps=2,
                              temperature=1.25)
@@ -181,10 +182,11 @@ def test_schedule_matches_diffusers():
         assert ours.shape == (steps + 1,) and ours[-1] == 0 and rel_err(ours, sched.sigmas) <= 1e-6
     given = [1.0, 0.7, 0.3]
     sched.set_timesteps(sigmas=given, mu=compute_empirical_mu(1024, 8))
-    assert rel_err(flux2_sigmas(8, 1024, given), sched.sigmas) <= 1e-6
-    assert rel_err(flux2_sigmas(8, 1024, given + [0.0]), sched.sigmas) <= 1e-6
+    shift = math.exp(empirical_mu(1024, 8))  # what generate(sigmas=, steps=8) applies (Flux2Pipeline.shift)
+    assert rel_err(given_sigmas(given, shift), sched.sigmas) <= 1e-6
+    assert rel_err(given_sigmas(given + [0.0], shift), sched.sigmas) <= 1e-6
     with pytest.raises(ValueError, match="decrease strictly"):
-        flux2_sigmas(2, 16, [0.5, 0.7])
+        given_sigmas([0.5, 0.7], shift)
 
 
 def test_reference_images_are_prepared_as_diffusers():
@@ -253,7 +255,7 @@ def test_mmdit_sample_writes_the_png_with_its_settings(one_thread, klein, single
     assert cli_main(args) == 0
     image = Image.open(out)
     assert image.size == (80, 64) and image.text["images"] == "ref.png" and image.text["size"] == "80x64"
-    assert image.text["guidance"] == "none (step-distilled)" and image.text["taca"] == "gamma=1.2 until t=0.97"
+    assert "guidance" not in image.text and image.text["taca"] == "gamma=1.2 until t=0.97"  # distilled: none applies
 
 
 def test_detection_from_keys_and_shapes(klein, single, tmp_path, capsys):

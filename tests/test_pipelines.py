@@ -313,7 +313,7 @@ def test_flux_sigmas_are_shifted_as_diffusers(flux):
     theirs = flux_reference(ref, noise, None, "latent", guidance_scale=3.5, sigmas=LEVELS)
     assert ref.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.826, 0.613, 0.345, 0.0], abs=1e-3)  # 12 image tokens
     assert rel_err(ours, theirs) < TOL
-    shifted = given_sigmas(LEVELS, pipe.shift(H // 8, W // 8))  # (5,)
+    shifted = given_sigmas(LEVELS, pipe.shift(H // 8, W // 8, len(LEVELS)))  # (5,)
     assert rel_err(shifted, ref.scheduler.sigmas) < 1e-6
     as_given = pipe.generate(PROMPTS, height=H, width=W, guidance=3.5, noise=noise, output="latent",
                              noise_levels=shifted[:-1])
