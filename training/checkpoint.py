@@ -103,19 +103,13 @@ def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.opti
 
 def find_checkpoint(output: str | Path | None, resume: str | None) -> Path | None:
     """The checkpoint a run continues from: None for a new run (`resume` None), and for "latest" when
-    OUTPUT/checkpoints holds none (a warning); else the newest there ("latest"), or the file named."""
+    OUTPUT/checkpoints holds none; else the newest there ("latest"), or the file named."""
     if resume is None:
         return None
     if resume != "latest":
         return Path(resume)
-    if not output:
-        return None
-    folder = Path(output) / "checkpoints"
-    existing = list_checkpoints(folder)
-    if not existing:
-        log.warning("no checkpoint in %s: starting from step 0", folder)
-        return None
-    return existing[-1]
+    existing = list_checkpoints(Path(output) / "checkpoints") if output else []
+    return existing[-1] if existing else None
 
 
 def read_run(path: Path) -> tuple[int, dict]:

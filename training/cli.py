@@ -75,6 +75,10 @@ def run_train(args: argparse.Namespace) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as e:  # bad settings, data or files (CheckpointError too)
         print(f"mmdit train: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the steps: while caching or writing the result
+        print("mmdit train: interrupted (what was cached or checkpointed is kept: rerun, with --resume if a "
+              "checkpoint was written)", file=sys.stderr)
+        return 130
     return 130 if result.interrupted else 0
 
 

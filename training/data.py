@@ -243,7 +243,7 @@ def _encode(items: list[Item], files: list[Path], resolution: int, buckets: bool
         by_size.setdefault(tuple(pixels[i].shape[1:]), []).append(i)
     if enlarged:
         most = max(enlarged, key=enlarged.get)
-        warnings.warn(f"{len(enlarged)} of {len(items)} images are smaller than the training size (--resolution "
+        warnings.warn(f"{len(enlarged)} of {len(pixels)} images are smaller than the training size (--resolution "
                       f"{resolution}) and are enlarged, up to {enlarged[most]:.3g}x ({most}): pass a smaller "
                       "--resolution to train at their size")
     with torch.no_grad():

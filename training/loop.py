@@ -203,6 +203,8 @@ def train(
     elif cfg.resume is None and list_checkpoints(ckpt_dir):
         raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
                               "or choose another output folder")
+    elif cfg.resume is not None and rank == 0:
+        log.warning("no checkpoint in %s: starting from step 0", ckpt_dir)
     if cfg.resolution is None:
         cfg = dataclasses.replace(cfg, resolution=native_resolution(cfg.model))
         if rank == 0:

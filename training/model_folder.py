@@ -7,8 +7,8 @@ the base model's autoencoder, text encoders and tokenizers. `write_model_folder`
 single-file base), `transformer/transformer.safetensors` (a hard link to the trained file, or a copy),
 and each other part as a symbolic link to the base's own file or folder, found as `mmdit sample`
 finds them (sampling/parts.py): nothing big is copied, and the base must stay where it is.
-A part bundled inside the base's single file (SAI `*_incl_clips*` files) cannot be linked alone:
-then no folder is written and the message says how to sample in Python.
+A part bundled inside the base's single file (SAI `*_incl_clips*` files) cannot be linked alone, and
+a single-file base may lack parts: then no folder is written and the message says how to sample in Python.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from sampling.loading import OPTIONAL
 from sampling.parts import DIFFUSERS_DIRS, find_parts, model_index
 
 from .disk import writing
@@ -40,7 +41,9 @@ def _links(base: Path, family: str) -> dict[str, Path]:
         names[role], names[f"{role}_tokenizer"] = encoder_dir, tokenizer_dir
     links = {}
     for key, part in find_parts(base, family, {}).items():
-        if part is None or part.pad is not None:  # not found, or SAI's shared CLIP tokenizer: found again the same way
+        if part is None and (family, key.removesuffix("_tokenizer")) not in OPTIONAL:
+            raise NoModelFolder(f"the base {base} has no {key} beside it")
+        if part is None or part.pad is not None:  # not there, or SAI's shared CLIP tokenizer: found again the same way
             continue
         if part.prefix is not None:
             raise NoModelFolder(f"the base's {key} is stored inside {base} ({part.prefix}*)")
