@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 import warnings
 from dataclasses import asdict
@@ -45,6 +46,7 @@ from training.checkpoint import list_checkpoints
 from training.cli import main
 from training.config import native_resolution
 from training.data import load_image, scan
+from training.interrupt import StopOnSignal
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,6 +206,20 @@ def test_signal_mid_step_stops_at_the_next_block(tmp_path, base, phase):
     second = quiet(train, TrainConfig(**{**asdict(cfg), "resume": "latest"}))
     assert first.losses + second.losses == full.losses
     assert logged_losses(tmp_path / "cut") == full.losses
+
+
+def test_the_request_is_seen_while_the_main_thread_is_busy():
+    """A CUDA backward keeps the main thread in C++, where Python runs no signal handler: the request must
+    come from the wakeup byte the C-level handler writes (here the Python handler does nothing)."""
+    with StopOnSignal() as stop:
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(500):
+            if stop.requested:
+                break
+            time.sleep(0.01)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.set_wakeup_fd(-1) == -1
 
 
 # ---- B6: what training writes, and what reads it ----
