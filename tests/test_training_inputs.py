@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from builders import rel_err
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from training_builders import standin_encoders, tiny_config, write_dataset, write_tiny_flux
+from training_builders import ddp_stop_worker, standin_encoders, tiny_config, write_dataset, write_tiny_flux
 
 import convert
 import convert.files
@@ -206,6 +208,23 @@ def test_signal_mid_step_stops_at_the_next_block(tmp_path, base, phase):
     second = quiet(train, TrainConfig(**{**asdict(cfg), "resume": "latest"}))
     assert first.losses + second.losses == full.losses
     assert logged_losses(tmp_path / "cut") == full.losses
+
+
+def test_two_processes_stop_together_when_one_is_signalled(tmp_path, base):
+    """gloo, 2 processes: one is signalled in the middle of step 3's forward, the other never; both discard
+    the step (no collective call is left unmatched), and the checkpoint is step 2's."""
+    data = write_dataset(tmp_path / "data", n=4)
+    kw = dict(steps=4, batch_size=4, checkpoint_every=10, cache=str(tmp_path / "cache"))
+    quiet(train, tiny_config(base, data, tmp_path / "warm", steps=1, batch_size=4, cache=str(tmp_path / "cache")),
+          encoders=standin_encoders())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    blocks = len(blocks_of(convert.load_transformer(base)))
+    config = asdict(tiny_config(base, data, tmp_path / "two", **kw))
+    mp.spawn(ddp_stop_worker, args=(port, config, {0: 2 * blocks + 2}), nprocs=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "two" / "checkpoints")] == ["step-0000002.safetensors"]
+    assert len(logged_losses(tmp_path / "two")) == 2
 
 
 def test_the_request_is_seen_while_the_main_thread_is_busy():
