@@ -152,6 +152,6 @@ def native_resolution(model: str) -> int:
     """The image side `mmdit sample` draws `model` at: its folder's `sampling_defaults` size (assets/tiny-flux:
     32), else its variant's (sampling/pipeline.py `DEFAULTS`: 1024). Reads headers only (a hub source is
     downloaded, as training would)."""
-    path, name = resolve(model)
+    path = resolve(model)[0]
     own = (model_index(path).get("sampling_defaults") or {}).get("size")
     return int(own) if own else defaults_for(detect_transformer(path).variant).size
