@@ -124,11 +124,10 @@ def _open(model: nn.Module, path: Path, name: str | None, family: str, what: str
     if name in adapter_names(model):
         raise ValueError(f"the model already has a LoRA adapter {name!r}: pass another name")
     ckpt = Checkpoint.open(path)
-    if "mmdit.step" in ckpt.metadata:
-        raise CheckpointError(
-            f"{path}: a training checkpoint of `mmdit train` (step {ckpt.metadata['mmdit.step']}), not a LoRA file: "
-            "pass the run's lora.safetensors, or resume the run from it"
-        )
+    if "mmdit.step" in ckpt.metadata:  # training/checkpoint.py's marker
+        raise CheckpointError(f"{path}: a training checkpoint of mmdit train (step {ckpt.metadata['mmdit.step']}), "
+                              "not a LoRA file: pass the run's lora.safetensors, written when the run ends "
+                              "(mmdit train --output RUN --resume finishes an interrupted run)")
     file_family = ckpt.metadata.get("mmdit.family")
     if file_family and file_family != family:
         raise CheckpointError(f"{path}: a LoRA for a {file_family} model, not for {what}")

@@ -4,6 +4,8 @@ stand-in encoders (fixed random maps, no pipeline), and the worker of the 2-proc
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -13,6 +15,8 @@ from builders import TINY_FLUX, flux_state
 from PIL import Image
 from safetensors.torch import save_file
 
+import convert
+from sampling.offload import blocks_of
 from training import Encoders, TrainConfig, train
 
 CORRUPT = "broken.png"
@@ -71,6 +75,28 @@ def ddp_worker(rank: int, port: int, config: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         train(TrainConfig(**config))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_stop_worker(rank: int, port: int, config: dict, signal_at: dict[int, int]) -> None:
+    """A process of the 2-process stop test: it sends itself SIGTERM at its block forward number
+    `signal_at[rank]` (none if absent), and must end interrupted at step 2 like the other."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = convert.load_transformer(config["model"])
+        count = [0]
+
+        def on_forward(module, args, output):
+            count[0] += 1
+            if count[0] == signal_at.get(rank):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        for block in blocks_of(model):
+            block.register_forward_hook(on_forward)
+        result = train(TrainConfig(**config), model=model)
+        assert result.interrupted and result.step == 2, (rank, result.step)
     finally:
         dist.destroy_process_group()
 

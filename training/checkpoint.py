@@ -2,14 +2,19 @@
 
 One file `checkpoints/step-NNNNNNN.safetensors` holds the trained parameters (`lora.<parameter name>`)
 and the optimizer's state tensors (`optimizer.<index>.exp_avg`, ...); the header holds, as JSON, the
-step, the optimizer's param groups and scalar state, and the run's config. The learning-rate
+step, the optimizer's param groups and scalar state, and the run's settings. The learning-rate
 schedule and every random draw are functions of the step and the seed (training/data.py), so the
 step is the whole scheduler and RNG state: a resumed run repeats the uninterrupted one exactly.
+
+Resuming, the run's settings come from its checkpoint (`read_run`; training/config.py `make_config`
+fills in every setting not given anew). A setting given anew that differs is refused if it changes
+what the checkpoint's tensors are (`FIXED`), else applied with its old and new values printed
+(`check_resumed_settings`). A checkpoint is not a LoRA file: `mmdit sample --lora` takes the run's
+`lora.safetensors`, and says so when given a checkpoint (its header entry `mmdit.step` marks it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -18,15 +23,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from convert.files import Checkpoint, CheckpointError, save_safetensors_atomic
+from convert.files import Checkpoint, CheckpointError, read_header, save_safetensors_atomic
 
-from .config import TrainConfig
+from .disk import writing
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"step-(\d+)\.safetensors")
-# settings a resumed run may change without breaking the continuation
-RESUMABLE_CHANGES = {"steps", "resume", "progress", "checkpoint_every", "keep_checkpoints", "device", "cache"}
+MARKER = "mmdit.step"  # the header entry that makes a file a training checkpoint: its step
+# settings that say what the checkpoint's tensors are: a resumed run cannot change them
+FIXED = ("model", "train", "rank", "alpha", "targets")
+# settings whose change keeps a resumed run equal to an uninterrupted one (and steps, with a constant lr)
+NEUTRAL = {"resume", "output", "cache", "device", "progress", "checkpoint_every", "keep_checkpoints",
+           "gradient_checkpointing"}
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -40,8 +49,9 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    path: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, cfg: TrainConfig
+    path: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, settings: str
 ) -> None:
+    """Write the checkpoint of `step`; settings: the run's `TrainConfig.to_json()`. `WriteError` if it cannot."""
     sd = optimizer.state_dict()
     tensors = {f"lora.{k}": v for k, v in params.items()}
     scalars: dict[str, dict] = {}
@@ -52,19 +62,19 @@ def save_checkpoint(
             else:
                 scalars.setdefault(str(idx), {})[k] = v
     header = {
-        "mmdit.step": str(step),
+        MARKER: str(step),
         "mmdit.optimizer": json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}),
-        "mmdit.config": cfg.to_json(),
+        "mmdit.config": settings,
     }
-    save_safetensors_atomic(tensors, path, header)
+    with writing(path):
+        save_safetensors_atomic(tensors, path, header)
 
 
-def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> int:
-    """Restore the trained parameters and the optimizer in place; returns the checkpoint's step. Settings
-    changed since (other than `RESUMABLE_CHANGES`) get a warning: the run will not repeat an uninterrupted one."""
+def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Restore the trained parameters and the optimizer in place; returns the checkpoint's step."""
     ckpt = Checkpoint.open(path)
-    if "mmdit.step" not in ckpt.metadata:
-        raise CheckpointError(f"{path}: not a training checkpoint (no mmdit.step in its header)")
+    if MARKER not in ckpt.metadata:
+        raise CheckpointError(f"{path}: not a training checkpoint (no {MARKER} in its header)")
     saved = {k[len("lora."):] for k in ckpt if k.startswith("lora.")}
     if saved != set(params):
         missing, unexpected = sorted(set(params) - saved), sorted(saved - set(params))
@@ -88,27 +98,53 @@ def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.opti
         state.setdefault(int(idx), {}).update(values)
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in opt["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-    saved_cfg, now = json.loads(ckpt.metadata["mmdit.config"]), dataclasses.asdict(cfg)
-    changed = sorted(k for k, v in now.items() if saved_cfg.get(k, v) != v and k not in RESUMABLE_CHANGES)
-    if changed:
-        log.warning("resuming with changed settings %s: the run will not repeat an uninterrupted one", changed)
-    return int(ckpt.metadata["mmdit.step"])
+    return int(ckpt.metadata[MARKER])
 
 
-def resume(cfg: TrainConfig, folder: Path, params: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> int:
-    """The step to start from: 0, or with `cfg.resume` the step of the checkpoint restored in place
-    (the newest in `folder` for "latest", else the file named)."""
-    if cfg.resume is None:
-        return 0
-    existing = list_checkpoints(folder)
-    if cfg.resume == "latest" and not existing:
-        log.warning("no checkpoint in %s: starting from step 0", folder)
-        return 0
-    path = existing[-1] if cfg.resume == "latest" else Path(cfg.resume)
-    step = load_checkpoint(path, params, optimizer, cfg)
-    log.info("resumed from %s at step %d", path, step)
-    return step
+def find_checkpoint(output: str | Path | None, resume: str | None) -> Path | None:
+    """The checkpoint a run continues from: None for a new run (`resume` None), and for "latest" when
+    OUTPUT/checkpoints holds none; else the newest there ("latest"), or the file named."""
+    if resume is None:
+        return None
+    if resume != "latest":
+        return Path(resume)
+    existing = list_checkpoints(Path(output) / "checkpoints") if output else []
+    return existing[-1] if existing else None
+
+
+def read_run(path: Path) -> tuple[int, dict]:
+    """(step, settings) of the run that wrote checkpoint `path`, from its header (nothing else is read)."""
+    meta = read_header(path).get("__metadata__") or {}
+    if MARKER not in meta or "mmdit.config" not in meta:
+        raise CheckpointError(f"{path}: not a training checkpoint of mmdit train (no {MARKER} in its header)")
+    try:
+        settings = json.loads(meta["mmdit.config"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its mmdit.config header entry is not JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path}: its mmdit.config header entry is not a JSON object")
+    return int(meta[MARKER]), settings
+
+
+def check_resumed_settings(path: Path, step: int, saved: dict, now: dict) -> None:
+    """The settings a run resumes from `path` (at `step`) with (`now`) against the run's own (`saved`):
+    a change of a `FIXED` setting, or fewer steps than done, is a ValueError; any other change is logged
+    with its old and new values, and whether the run still repeats an uninterrupted one."""
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v and k != "resume"}
+    refused = [k for k in FIXED if k in changed]
+    if refused:
+        listed = ", ".join(f"--{k.replace('_', '-')} {changed[k][1]!r} (the run's: {changed[k][0]!r})" for k in refused)
+        raise ValueError(f"{path}: a resumed run keeps its model, what trains and the LoRA's shape: {listed}; "
+                         "leave them out, or start a new run in another --output folder")
+    if now["steps"] < step:
+        raise ValueError(f"{path}: the run is at step {step}: --steps must be at least that, got {now['steps']}")
+    if not changed:
+        return
+    neutral = NEUTRAL | ({"steps"} if now["lr_schedule"] == "constant" else set())
+    listed = ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+    inexact = sorted(k for k in changed if k not in neutral)
+    note = f"; the run will not repeat an uninterrupted one ({', '.join(inexact)} changed)" if inexact else ""
+    log.warning("resuming from %s (step %d) with changed settings: %s%s", path, step, listed, note)
 
 
 def prune(folder: Path, keep: int) -> None:

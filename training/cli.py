@@ -2,8 +2,10 @@
 and/or a TOML config.
 
 Every flag is a field of `TrainConfig` (training/config.py); a flag given on the command line wins
-over the TOML file, which wins over the defaults. Exit codes: 0 done, 1 stopped on a non-finite
-loss, 2 bad settings, data or files, 130 interrupted by Ctrl-C (a checkpoint was written: rerun with --resume).
+over the TOML file, which wins over the defaults (resuming: over the run's own settings). Exit codes:
+0 done, 1 stopped on a non-finite loss, 2 bad settings, data or files, 3 a file could not be written
+(disk full, no permission; the last complete checkpoint is kept), 130 interrupted by Ctrl-C or SIGTERM
+(the last complete step is in a checkpoint: rerun with --output and --resume).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import sys
 from dataclasses import MISSING, Field, fields
 
 from .config import REQUIRED, TrainConfig, make_config
+from .disk import WriteError
 from .loop import TrainingError, train
 
 # how a flag's value is read, per field type of TrainConfig (a list is given comma-separated)
-FLAG_TYPES = {"str": str, "str | None": str, "list[str]": str, "int": int, "float": float, "float | None": float}
+FLAG_TYPES = {"str": str, "str | None": str, "list[str]": str, "int": int, "int | None": int, "float": float,
+              "float | None": float}
 
 
 def help_text(f: Field) -> str:
@@ -57,7 +61,7 @@ def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = make_config(args.config, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:  # a TOML file or checkpoint that is not there or not right
         print(f"mmdit train: {e}", file=sys.stderr)
         return 2
     try:
@@ -65,9 +69,16 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"mmdit train: {e}", file=sys.stderr)
         return 1
+    except WriteError as e:  # before FileExistsError, FileNotFoundError: all OSErrors
+        print(f"mmdit train: {e}", file=sys.stderr)
+        return 3
     except (FileExistsError, FileNotFoundError, ValueError) as e:  # bad settings, data or files (CheckpointError too)
         print(f"mmdit train: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the steps: while caching or writing the result
+        print("mmdit train: interrupted (what was cached or checkpointed is kept: rerun, with --resume if a "
+              "checkpoint was written)", file=sys.stderr)
+        return 130
     return 130 if result.interrupted else 0
 
 

@@ -2,9 +2,12 @@
 
 Every field is a flag of `mmdit train` (training/cli.py) with the field's help text and default.
 Precedence: the dataclass defaults, then the TOML file (`--config run.toml`, keys as the field
-names, dashes or underscores), then the flags given on the command line. The defaults follow the
-TACA paper (arXiv 2506.07986): a rank-16 LoRA on the attention projections, trained with the
-temperature gamma = 1.2 on the model timesteps >= 970 (t >= 0.97) only.
+names, dashes or underscores), then the flags given on the command line. A resumed run (`resume`)
+takes its checkpoint's settings in place of the defaults: `--output` and `--resume` are all it needs
+(training/checkpoint.py says which settings may then change). The defaults follow the TACA paper
+(arXiv 2506.07986): a rank-16 LoRA on the attention projections, trained with the temperature
+gamma = 1.2 on the model timesteps >= 970 (t >= 0.97) only; the image size is the model's own, as
+`mmdit sample` draws it (`native_resolution`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,25 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from convert import detect_transformer
+from sampling.hub import resolve
+from sampling.parts import model_index
+from sampling.pipeline import defaults_for
+
+from .checkpoint import find_checkpoint, read_run
+
 TIMESTEP_SAMPLING = ("window", "logit-normal", "uniform")
 MIXED_PRECISION = ("bf16", "no")
 TRAIN = ("lora", "full")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("bfloat16", "float16", "float32")
 REQUIRED = ("model", "data", "output")
+HOW_TO_GIVE = {  # what to pass for each required setting
+    "model": "--model SOURCE (a Diffusers folder such as assets/tiny-flux, an official single file such as "
+             "flux1-dev.safetensors, or a hub repo id such as black-forest-labs/FLUX.1-dev)",
+    "data": "--data FOLDER (images with same-name .txt captions) or --data FILE.jsonl (lines of {image, caption})",
+    "output": "--output FOLDER (for the LoRA, the checkpoints and the log; with --resume: the run's folder)",
+}
 
 
 def setting(default, help: str):
@@ -41,8 +57,9 @@ class TrainConfig:
     steps: int = setting(1000, "optimizer steps")
     batch_size: int = setting(1, "global batch: pairs per optimizer step, over all processes and micro-steps")
     grad_accum: int = setting(1, "micro-steps per optimizer step, their gradients summed")
-    resolution: int = setting(512, "image side in pixels, a multiple of 16; with --buckets, the bucket area "
-                                   "is its square")
+    resolution: int | None = setting(None, "image side in pixels, a multiple of 16; with --buckets, the bucket "
+                                           "area is its square (default: the model's own size, as mmdit sample "
+                                           "draws it: 32 for assets/tiny-flux, 1024 for FLUX.1 and SD3.5)")
     buckets: bool = setting(False, "aspect-ratio buckets instead of a center-cropped square")
     rank: int = setting(16, "LoRA rank")
     alpha: float | None = setting(None, "LoRA alpha (default: the rank, a scale of 1)")
@@ -70,17 +87,18 @@ class TrainConfig:
     checkpoint_every: int = setting(500, "steps between training checkpoints")
     keep_checkpoints: int = setting(2, "the newest N training checkpoints are kept")
     resume: str | None = setting(None, "continue from the newest checkpoint in OUTPUT/checkpoints (no value) "
-                                       "or the checkpoint file given (default: a new run)")
+                                       "or the checkpoint file given, with the run's own settings (default: "
+                                       "a new run)")
     device: str | None = setting(None, "device (default: cuda, this process's local rank, if available, else cpu)")
     progress: bool = setting(True, "progress bar")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "resolution", "rank", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
-        if self.resolution % 16:
+        if self.resolution is not None and self.resolution % 16:
             raise ValueError(f"resolution must be a multiple of 16 (8x autoencoder, 2x2 patches): {self.resolution}")
         if not 0.0 <= self.t_min < 1.0:
             raise ValueError(f"t_min must lie in [0, 1), got {self.t_min}")
@@ -113,10 +131,27 @@ def read_toml(path: str | Path) -> dict:
 
 
 def make_config(toml: str | Path | None = None, **flags) -> TrainConfig:
-    """Defaults < TOML file < flags (flags set to None count as not given)."""
+    """Defaults < TOML file < flags (flags set to None count as not given); resuming, the run's own settings
+    (read from its checkpoint: the newest in OUTPUT/checkpoints, or the file `resume` names) take the
+    defaults' place. ValueError naming what is missing and what to pass."""
     values = read_toml(toml) if toml else {}
     values.update({k: v for k, v in flags.items() if v is not None})
+    resumed = find_checkpoint(values.get("output"), values.get("resume"))
+    if resumed is not None:
+        known = {f.name for f in fields(TrainConfig)}
+        _, saved = read_run(resumed)
+        values = {**{k: v for k, v in saved.items() if k in known and k != "resume"}, **values}
     missing = [k for k in REQUIRED if not values.get(k)]
     if missing:
-        raise ValueError(f"no {', '.join(missing)} given (flags --{' --'.join(missing)} or the TOML file)")
+        nothing = " (and no checkpoint to resume from)" if values.get("resume") else ""
+        raise ValueError(f"no {', '.join(missing)} given{nothing}: pass " + "; ".join(HOW_TO_GIVE[k] for k in missing))
     return TrainConfig(**values)
+
+
+def native_resolution(model: str) -> int:
+    """The image side `mmdit sample` draws `model` at: its folder's `sampling_defaults` size (assets/tiny-flux:
+    32), else its variant's (sampling/pipeline.py `DEFAULTS`: 1024). Reads headers only (a hub source is
+    downloaded, as training would)."""
+    path = resolve(model)[0]
+    own = (model_index(path).get("sampling_defaults") or {}).get("size")
+    return int(own) if own else defaults_for(detect_transformer(path).variant).size

@@ -1,16 +1,20 @@
 """Training data: image-caption pairs, cached once as latents and text embeddings, served in seeded batches.
 
 Sources: a folder of images with same-name `.txt` captions (searched recursively), or a JSONL manifest
-whose lines are `{"image": path, "caption": text}` (paths relative to the manifest). Each image is
-resized to cover the target size and center-cropped: a `resolution` square, or with `buckets` the
-aspect-ratio bucket of about `resolution**2` pixels closest to the image's.
+whose lines are `{"image": path, "caption": text}` (paths relative to the manifest). A caption file
+that cannot be read as UTF-8 text is skipped with its image, with a warning naming it. Each image is
+turned upright (EXIF), made RGB in [-1, 1] (`open_image`: 16-bit and float greyscale scaled from
+their own range, transparency composited over white), resized to cover the target size and
+center-cropped: a `resolution` square, or with `buckets` the aspect-ratio bucket of about
+`resolution**2` pixels closest to the image's. Images smaller than that are enlarged, with a warning.
 
 A first pass encodes every image with the autoencoder and every caption with the text encoders and
 writes one safetensors file per pair (`latent`, `context`, `pooled`) under the cache folder, named by
 a hash of the image file (path, size, mtime), the caption, the size settings and the encoders' tag:
 a later run (or a resumed one) finds them and does not load the encoders at all. Unreadable images
 are skipped with a warning naming them, and counted; a marker file remembers them (until the file
-changes). With several processes each encodes its share.
+changes). With several processes each encodes its share. A cache file that cannot be written (a full
+disk) stops the run with a `WriteError` naming it (training/disk.py).
 
 Batches: `BatchSampler` is a pure function of (seed, step): per epoch, each bucket's members are
 shuffled and cut into global batches (the last one topped up from the bucket's start), and the
@@ -36,9 +40,13 @@ from torch import Tensor
 from convert.files import read_header, save_safetensors_atomic
 
 from . import distributed as dist
+from .disk import writing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ENCODE_BATCH = 8  # images (and captions) encoded at once in the caching pass
+# greyscale modes of more than 8 bits -> the value of white: Pillow opens 16-bit PNGs as "I;16" (older
+# versions: "I"), TIFFs as "I;16*", "I" or "F" (floats, taken as [0, 1])
+WHITE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 
 
 @dataclass(frozen=True)
@@ -85,10 +93,13 @@ def scan(data: str | Path) -> list[Item]:
     items, uncaptioned = [], []
     for image in sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         caption = image.with_suffix(".txt")
-        if caption.is_file():
-            items.append(Item(image, caption.read_text(encoding="utf-8").strip()))
-        else:
+        if not caption.is_file():
             uncaptioned.append(str(image))
+            continue
+        try:
+            items.append(Item(image, caption.read_text(encoding="utf-8-sig").strip()))  # a BOM is not text
+        except (OSError, UnicodeDecodeError) as e:
+            warnings.warn(f"skipping {image}: its caption {caption} cannot be read as UTF-8 text ({e})")
     if uncaptioned:
         warnings.warn(f"{len(uncaptioned)} image(s) without a .txt caption are skipped: {', '.join(uncaptioned)}")
     if not items:
@@ -97,8 +108,12 @@ def scan(data: str | Path) -> list[Item]:
 
 
 def _manifest(path: Path) -> list[Item]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -135,18 +150,40 @@ def target_size(width: int, height: int, resolution: int, buckets: bool) -> tupl
     return min(bucket_sizes(resolution), key=lambda hw: abs(math.log(hw[1] / hw[0]) - ratio))
 
 
-def load_image(path: Path, resolution: int, buckets: bool) -> Tensor:
-    """(3, H, W) in [-1, 1]: resized to cover the target size (Lanczos), center-cropped. OSError if unreadable."""
+def open_image(path: Path) -> Image.Image:
+    """The image upright (EXIF orientation) as 8-bit "RGB", or for a greyscale mode of more bits (`WHITE`)
+    as "F" in [0, 1] (scaled from its own range: 16-bit white is 65535); transparent pixels (RGBA, LA, PA,
+    P or L with a transparent color) are composited over white. OSError if unreadable."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = ImageOps.exif_transpose(im)
+        if im.mode in WHITE:
+            white = WHITE[im.mode]
+            return im.convert("F").point(lambda v: v / white)
+        if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+            over_white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            return Image.alpha_composite(over_white, im.convert("RGBA")).convert("RGB")
+        return im.convert("RGB")  # L, P, CMYK, YCbCr, ...: Pillow's conversions
+
+
+def _load(path: Path, resolution: int, buckets: bool) -> tuple[Tensor, float]:
+    """`load_image`, and how much the image was enlarged (1 or less: not enlarged)."""
+    im = open_image(path)
     H, W = target_size(im.width, im.height, resolution, buckets)
     s = max(W / im.width, H / im.height)
     w, h = max(W, round(im.width * s)), max(H, round(im.height * s))
     im = im.resize((w, h), Image.Resampling.LANCZOS)
     left, top = (w - W) // 2, (h - H) // 2
     im = im.crop((left, top, left + W, top + H))
+    if im.mode == "F":  # greyscale in [0, 1], float32 samples
+        grey = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.float32).view(1, H, W)
+        return (grey.expand(3, H, W) * 2 - 1).clamp(-1, 1), s  # clamped: Lanczos overshoots at edges
     pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(H, W, 3)
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1, s
+
+
+def load_image(path: Path, resolution: int, buckets: bool) -> Tensor:
+    """(3, H, W) in [-1, 1]: resized to cover the target size (Lanczos), center-cropped. OSError if unreadable."""
+    return _load(path, resolution, buckets)[0]
 
 
 # ---- the cache ----
@@ -192,14 +229,23 @@ def _encode(items: list[Item], files: list[Path], resolution: int, buckets: bool
     """Encode the pairs and write each to its cache file; unreadable images are skipped with a warning."""
     pixels: dict[int, Tensor] = {}  # index -> (3, H, W)
     by_size: dict[tuple[int, int], list[int]] = {}  # (H, W) -> indices: images encoded together are one size
+    enlarged: dict[Path, float] = {}  # image -> factor, for those smaller than their target size
     for i, item in enumerate(items):
         try:
-            pixels[i] = load_image(item.image, resolution, buckets)
+            pixels[i], factor = _load(item.image, resolution, buckets)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             warnings.warn(f"skipping unreadable image {item.image}: {e}")
-            save_safetensors_atomic({}, _unreadable(files[i]), {"image": str(item.image), "error": str(e)})
+            with writing(_unreadable(files[i])):
+                save_safetensors_atomic({}, _unreadable(files[i]), {"image": str(item.image), "error": str(e)})
             continue
+        if factor > 1:
+            enlarged[item.image] = factor
         by_size.setdefault(tuple(pixels[i].shape[1:]), []).append(i)
+    if enlarged:
+        most = max(enlarged, key=enlarged.get)
+        warnings.warn(f"{len(enlarged)} of {len(pixels)} images are smaller than the training size (--resolution "
+                      f"{resolution}) and are enlarged, up to {enlarged[most]:.3g}x ({most}): pass a smaller "
+                      "--resolution to train at their size")
     with torch.no_grad():
         for group in by_size.values():
             for start in range(0, len(group), ENCODE_BATCH):
@@ -209,7 +255,8 @@ def _encode(items: list[Item], files: list[Path], resolution: int, buckets: bool
                 for b, i in enumerate(chunk):
                     tensors = {"latent": latents[b], "context": context[b], "pooled": pooled[b]}
                     meta = {"image": str(items[i].image), "caption": items[i].caption}
-                    save_safetensors_atomic(tensors, files[i], meta)
+                    with writing(files[i]):
+                        save_safetensors_atomic(tensors, files[i], meta)
 
 
 def prepare(

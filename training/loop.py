@@ -9,22 +9,25 @@ adapter's A and B matrices train, in float32; the base stays in `dtype` and the 
 bf16 autocast by default. With `train="full"` every weight of the transformer trains instead (how
 the tiny model of assets/tiny-flux is trained from its random initialization; use dtype float32).
 
-Every `checkpoint_every` steps, on Ctrl-C or SIGTERM (after the current step) and at the end, a checkpoint is
-written atomically (training/checkpoint.py); `resume` continues from one exactly. A non-finite
-loss stops the run before the step is applied, naming the last good checkpoint. The result is
-`OUTPUT/lora.safetensors` (Diffusers/PEFT layout with TACA metadata, `convert.save_lora`), or with
-`train="full"` `OUTPUT/transformer.safetensors` (the whole transformer, BFL keys), and
-`OUTPUT/log.jsonl`, one line per step.
+Every `checkpoint_every` steps, on Ctrl-C or SIGTERM and at the end, a checkpoint is written atomically
+(training/checkpoint.py); `resume` continues from one exactly, with the run's own settings. A stop
+request abandons the step in progress within a block's time and keeps the last complete one
+(training/interrupt.py). A non-finite loss stops the run before the step is applied, naming the last
+good checkpoint; a file that cannot be written (a full disk) stops it with a `WriteError` naming the
+file (training/disk.py), and the temporary files an earlier kill left are removed at start. The
+result is `OUTPUT/lora.safetensors` (Diffusers/PEFT layout with TACA metadata, `convert.save_lora`),
+or with `train="full"` `OUTPUT/transformer.safetensors` (the whole transformer, BFL keys) and
+`OUTPUT/model/`, the base model with it in place (training/model_folder.py); and `OUTPUT/log.jsonl`,
+one line per step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,17 +39,29 @@ from torch.distributed._composable import checkpoint
 from tqdm.auto import tqdm
 
 import convert
-from convert.files import save_safetensors_atomic, write_atomic
+from convert.files import CheckpointError, save_safetensors_atomic, write_atomic
 from mmdit.lora import inject_lora
 from sampling import TacaSchedule, load_pipeline
 from sampling.hub import resolve
 from sampling.offload import blocks_of
 
 from . import distributed as dist
-from .checkpoint import checkpoint_path, list_checkpoints, prune, resume, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import (
+    check_resumed_settings,
+    checkpoint_path,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune,
+    read_run,
+    save_checkpoint,
+)
+from .config import TrainConfig, native_resolution
 from .data import BatchSampler, CachedData, Encoders, derive_seed, encoders_from_pipeline, generator, prepare, scan
+from .disk import remove_stale_temporaries, writing
+from .interrupt import StepAborted, StopOnSignal
 from .loss import batch_temperature, flow_matching_loss, sample_t
+from .model_folder import NoModelFolder, write_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +77,7 @@ class TrainResult:
     model: nn.Module  # the transformer with the trained adapter `ADAPTER` (train="full": the trained transformer)
     losses: list[float]  # the global mean loss of each step this run made
     step: int  # optimizer steps done in total
-    interrupted: bool  # stopped by Ctrl-C (a checkpoint was written, no LoRA file)
+    interrupted: bool  # stopped by Ctrl-C or SIGTERM (a checkpoint was written, no LoRA file)
     data: CachedData
 
 
@@ -72,32 +87,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_schedule == "cosine" and step >= cfg.warmup_steps:
         lr *= 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)))
     return lr
-
-
-class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun, schedulers) asks the loop to stop after the current step;
-    the same signal again acts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signum, self._previous[signum])
-        log.warning("%s: stopping after this step and writing a checkpoint (again to quit at once)",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 def pick_device(cfg: TrainConfig) -> torch.device:
@@ -155,10 +144,34 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
 
 def cut_log(path: Path, step: int) -> None:
-    """Keep the lines of steps <= `step` (a resumed run's log continues its checkpoint's)."""
-    lines = path.read_text().splitlines() if step and path.is_file() else []
-    kept = "".join(f"{ln}\n" for ln in lines if json.loads(ln)["step"] <= step)
-    write_atomic(path, lambda tmp: Path(tmp).write_text(kept))
+    """Keep the lines of steps <= `step` (a resumed run's log continues its checkpoint's). A torn last line
+    (the run was killed, or the disk filled, while writing it) is dropped; any other bad line is an error
+    naming the log."""
+    lines = path.read_text(errors="replace").splitlines() if step and path.is_file() else []
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            entry_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if n == len(lines):
+                log.warning("%s: its last line is incomplete (written when the run stopped): dropped", path)
+                continue
+            raise ValueError(f"{path}:{n}: not a line of mmdit train's log ({line[:60]!r}); move the log away "
+                             "to resume without it") from None
+        if entry_step <= step:
+            kept.append(f"{line}\n")
+    with writing(path):
+        write_atomic(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
+def remove_stale_files(cfg: TrainConfig) -> None:
+    """Delete what an interrupted write left in the run's folders (a `--cache` folder elsewhere may be shared
+    by runs going on at once: there, only files untouched for an hour)."""
+    out = Path(cfg.output)
+    own = cfg.cache_dir.resolve().parent == out.resolve()
+    remove_stale_temporaries([out, out / "checkpoints", *([cfg.cache_dir] if own else [])])
+    if not own:
+        remove_stale_temporaries([cfg.cache_dir], older_than=3600)
 
 
 def train(
@@ -168,7 +181,8 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train a TACA LoRA as `cfg` says. `model` / `encoders`: already loaded parts (default: from `cfg.model`).
-    `on_step(step, loss)` is called after every step. Joins torchrun's process group if there is one."""
+    `on_step(step, loss)` is called after every step. Joins torchrun's process group if there is one.
+    `cfg.resolution` None: the model's own size (`native_resolution`), or resuming, the run's."""
     device = pick_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -180,9 +194,23 @@ def train(
     local = micro // world  # this process's pairs per micro-step
     out = Path(cfg.output)
     ckpt_dir, log_file = out / "checkpoints", out / "log.jsonl"
-    if cfg.resume is None and list_checkpoints(ckpt_dir):
+    resumed = find_checkpoint(out, cfg.resume)
+    if resumed is not None:
+        resumed_step, saved = read_run(resumed)
+        if cfg.resolution is None:
+            cfg = dataclasses.replace(cfg, resolution=saved.get("resolution"))
+        check_resumed_settings(resumed, resumed_step, saved, dataclasses.asdict(cfg))
+    elif cfg.resume is None and list_checkpoints(ckpt_dir):
         raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
                               "or choose another output folder")
+    elif cfg.resume is not None and rank == 0:
+        log.warning("no checkpoint in %s: starting from step 0", ckpt_dir)
+    if cfg.resolution is None:
+        cfg = dataclasses.replace(cfg, resolution=native_resolution(cfg.model))
+        if rank == 0:
+            log.info("resolution %d: the model's own size (--resolution to change it)", cfg.resolution)
+    if rank == 0:
+        remove_stale_files(cfg)
 
     data, model = load_data_and_model(cfg, device, model, encoders)
     if rank == 0:
@@ -192,7 +220,9 @@ def train(
     if cfg.gradient_checkpointing:
         checkpoint_blocks(model)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = resume(cfg, ckpt_dir, params, optimizer)
+    start = load_checkpoint(resumed, params, optimizer) if resumed is not None else 0
+    if resumed is not None and rank == 0:
+        log.info("resumed from %s at step %d", resumed, start)
     if rank == 0:
         cut_log(log_file, start)
     sampler = BatchSampler(data.sizes, B, cfg.seed)
@@ -200,39 +230,51 @@ def train(
     guided = model.family == "flux" and model.params.guidance_embed  # FLUX-dev: distilled guidance is an input
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and rank == 0))
+    settings = cfg.to_json()
+    saved_at = start if resumed == checkpoint_path(ckpt_dir, start) else None  # the step of the newest checkpoint here
 
     def save(step: int) -> None:
+        nonlocal saved_at
         if rank == 0:
-            save_checkpoint(checkpoint_path(ckpt_dir, step), step, params, optimizer, cfg)
+            save_checkpoint(checkpoint_path(ckpt_dir, step), step, params, optimizer, settings)
             prune(ckpt_dir, cfg.keep_checkpoints)
+        saved_at = step
 
     step, losses, interrupted = start, [], False
-    with StopOnSignal() as stop:
+    with StopOnSignal(model) as stop:
         while step < cfg.steps and not interrupted:
             t0 = time.perf_counter()
             batch = sampler(step)  # the global batch: indices of cached pairs
             # summed over processes in one all-reduce: the t of each sample (each process fills its own),
-            # the global mean loss (each process adds its share) and the stop request
-            sums = torch.zeros(B + 2, device=device)
-            t_all, loss_sum, stop_flag = sums[:B], sums[B], sums[B + 1]  # views
+            # the global mean loss (each process adds its share), the stop request and the abandoned step
+            sums = torch.zeros(B + 3, device=device)
+            t_all, loss_sum, stop_flag, aborted = sums[:B], sums[B], sums[B + 1], sums[B + 2]  # views
             optimizer.zero_grad()
             torch.manual_seed(derive_seed(cfg.seed, "dropout", step, rank))  # LoRA dropout
-            for m in range(cfg.grad_accum):
-                js = range(m * micro + rank * local, m * micro + (rank + 1) * local)  # indices in the global batch
-                x0, context, pooled = data.load([batch[j] for j in js], device)  # (b, 16, h, w), (b, L, D), (b, P)
-                # each sample's t and noise: its own generator, named by (seed, step, index in the global batch)
-                gens = [generator(cfg.seed, "sample", step, j) for j in js]
-                t = torch.cat([sample_t(cfg.timesteps, cfg.t_min, g) for g in gens]).to(device)  # (b,)
-                noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
-                guidance = torch.full((local,), cfg.guidance, device=device) if guided else None
-                temperature = batch_temperature(schedule, t)  # gamma where t >= t_min, per sample
-                with autocast:
-                    loss = flow_matching_loss(model, x0, noise, t, context, pooled, guidance, temperature)
-                (loss / cfg.grad_accum).backward()
-                t_all[list(js)] = t.float()
-                loss_sum += loss.detach().float() / (cfg.grad_accum * world)
+            try:
+                with stop.abortable():  # a stop request abandons the step (StepAborted) within a block
+                    for m in range(cfg.grad_accum):
+                        js = range(m * micro + rank * local, m * micro + (rank + 1) * local)  # indices in the global batch
+                        x0, context, pooled = data.load([batch[j] for j in js], device)  # (b, 16, h, w), (b, L, D), (b, P)
+                        # each sample's t and noise: its own generator, named by (seed, step, index in the global batch)
+                        gens = [generator(cfg.seed, "sample", step, j) for j in js]
+                        t = torch.cat([sample_t(cfg.timesteps, cfg.t_min, g) for g in gens]).to(device)  # (b,)
+                        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+                        guidance = torch.full((local,), cfg.guidance, device=device) if guided else None
+                        temperature = batch_temperature(schedule, t)  # gamma where t >= t_min, per sample
+                        with autocast:
+                            loss = flow_matching_loss(model, x0, noise, t, context, pooled, guidance, temperature)
+                        (loss / cfg.grad_accum).backward()
+                        t_all[list(js)] = t.float()
+                        loss_sum += loss.detach().float() / (cfg.grad_accum * world)
+            except StepAborted:
+                aborted.fill_(1.0)
             stop_flag.fill_(float(stop.requested))
             dist.all_sum(sums)
+            if aborted.item() > 0:  # some process abandoned the step: every process discards it
+                optimizer.zero_grad()
+                interrupted = True
+                break
             loss = loss_sum.item()
             if not math.isfinite(loss):
                 good = list_checkpoints(ckpt_dir)
@@ -256,28 +298,41 @@ def train(
             if rank == 0:
                 entry = dict(step=step, loss=loss, lr=lr, t_min=t_all.min().item(), t_max=t_all.max().item(),
                              grad_norm=grad_norm, seconds=round(seconds, 4))
-                with open(log_file, "a") as f:
+                with writing(log_file), open(log_file, "a") as f:
                     f.write(json.dumps(entry) + "\n")
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{B / seconds:.2f}")
             if on_step is not None:
                 on_step(step, loss)
-            interrupted = bool(stop_flag > 0)
+            interrupted = bool(stop_flag > 0) or (world == 1 and stop.requested)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps and not interrupted:
                 save(step)
     bar.close()
-    save(step)
+    if saved_at != step:
+        save(step)
     if interrupted:
-        log.warning("interrupted at step %d: %s written; continue with --resume", step, checkpoint_path(ckpt_dir, step))
+        log.warning("stopped at step %d (the last complete one): %s written; continue with "
+                    "mmdit train --output %s --resume", step, checkpoint_path(ckpt_dir, step), out)
     elif rank == 0 and cfg.train == "full":
-        meta = {"train.steps": str(step), "train.config": cfg.to_json()}
-        save_safetensors_atomic(model.state_dict(), out / "transformer.safetensors", meta)
+        meta = {"train.steps": str(step), "train.config": settings}
+        with writing(out / "transformer.safetensors"):
+            save_safetensors_atomic(model.state_dict(), out / "transformer.safetensors", meta)
         log.info("wrote %s", out / "transformer.safetensors")
+        try:
+            write_model_folder(resolve(cfg.model)[0], model.family, out / "transformer.safetensors", out / "model",
+                               type(model).__name__)
+            log.info("wrote %s, the base model with the trained transformer: mmdit sample --model %s",
+                     out / "model", out / "model")
+        except (NoModelFolder, CheckpointError, FileNotFoundError) as e:  # the base's parts are not to be linked
+            log.warning("no model folder written: %s. To sample in Python: pipe = sampling.load_pipeline(%r); "
+                        "pipe.transformer = convert.load_transformer(%r)", e, cfg.model,
+                        str(out / "transformer.safetensors"))
     elif rank == 0:
-        meta = {"taca.gamma": cfg.taca_gamma, "taca.until": cfg.t_min, "train.steps": step,
-                "train.config": cfg.to_json()}
-        convert.save_lora(model, out / "lora.safetensors", ADAPTER, meta)
-        log.info("wrote %s", out / "lora.safetensors")
+        meta = {"taca.gamma": cfg.taca_gamma, "taca.until": cfg.t_min, "train.steps": step, "train.config": settings}
+        with writing(out / "lora.safetensors"):
+            convert.save_lora(model, out / "lora.safetensors", ADAPTER, meta)
+        log.info("wrote %s: mmdit sample --model %s --lora %s", out / "lora.safetensors", cfg.model,
+                 out / "lora.safetensors")
     dist.barrier()
     model.eval()
     return TrainResult(model, losses, step, interrupted, data)
