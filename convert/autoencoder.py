@@ -73,16 +73,24 @@ def params_from_shapes(shape: Shapes, family: str) -> AutoEncoderParams:
     )
 
 
-def _open(path: Path) -> tuple[Checkpoint, dict | None]:
-    """The autoencoder's tensors (prefix removed) and the Diffusers config.json when it is a folder."""
+def open_autoencoder_file(path: Path) -> tuple[Path, Checkpoint, dict | None]:
+    """The file that holds an autoencoder (`path` itself, or the weights of a Diffusers `vae/` folder or of
+    its repo), that file opened, and the folder's config.json (None beside a single file).
+    Raises CheckpointError when `path` does not exist or the file cannot be read."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if (path / "vae").is_dir():  # a Diffusers repo folder
         path = path / "vae"
-    config = read_config(path / "config.json")  # None beside a single file
+    config = read_config(path / "config.json")
     if (path / "diffusion_pytorch_model.safetensors").is_file():  # not the .fp16 variant beside it
         path = path / "diffusion_pytorch_model.safetensors"
-    ckpt = autoencoder_part(Checkpoint.open(path))
+    return path, Checkpoint.open(path), config
+
+
+def _open(path: Path) -> tuple[Checkpoint, dict | None]:
+    """The autoencoder's tensors (prefix removed) and the Diffusers config.json when it is a folder."""
+    path, ckpt, config = open_autoencoder_file(path)
+    ckpt = autoencoder_part(ckpt)
     if ckpt is None:
         raise CheckpointError(
             f"{path}: holds no autoencoder weights (no encoder.*/decoder.* keys, bare or under "

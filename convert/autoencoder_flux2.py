@@ -21,8 +21,8 @@ import torch
 
 from mmdit.autoencoder_flux2 import AutoEncoderFlux2, AutoEncoderFlux2Params
 
-from .autoencoder import _as_conv, diffusers_to_ldm
-from .files import AUTOENCODER_PREFIXES, Checkpoint, CheckpointError, Shapes, load_state_dict_strict, read_config
+from .autoencoder import _as_conv, diffusers_to_ldm, open_autoencoder_file
+from .files import AUTOENCODER_PREFIXES, Checkpoint, CheckpointError, Shapes, load_state_dict_strict
 from .mapping import KeyMap
 
 IGNORED = ("bn.num_batches_tracked",)
@@ -62,14 +62,7 @@ def params_from_shapes(shape: Shapes, bn_eps: float = 1e-4) -> AutoEncoderFlux2P
 
 def _open(path: Path) -> tuple[Checkpoint, dict | None, str]:
     """The autoencoder's tensors (prefix removed), the Diffusers config.json when it is a folder, the source."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if (path / "vae").is_dir():  # a Diffusers repo folder
-        path = path / "vae"
-    config = read_config(path / "config.json")  # None beside a single file
-    if (path / "diffusion_pytorch_model.safetensors").is_file():  # not the .fp16 variant beside it
-        path = path / "diffusion_pytorch_model.safetensors"
-    ckpt = Checkpoint.open(path)
+    path, ckpt, config = open_autoencoder_file(path)
     ckpt = ckpt.part(AUTOENCODER_PREFIXES) or ckpt
     if not is_flux2_autoencoder(ckpt):
         raise CheckpointError(

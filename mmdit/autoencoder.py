@@ -46,15 +46,21 @@ class AutoEncoderParams:
     shift_factor: float = 0.1159
 
     def __post_init__(self):
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
-        if bad:
-            raise ValueError(f"GroupNorm(32) needs channel counts divisible by 32, got {bad}")
-        if self.num_res_blocks < 1 or not self.ch_mult:
-            raise ValueError("the autoencoder needs at least one level and one ResnetBlock per level")
+        check_levels(self.ch, self.ch_mult, self.num_res_blocks)
 
     @property
     def downscale(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+
+def check_levels(ch: int, ch_mult: tuple[int, ...], num_res_blocks: int) -> None:
+    """Raises ValueError unless every level's channel count suits GroupNorm(32) and there is at least one
+    level with at least one ResnetBlock."""
+    bad = [ch * m for m in ch_mult if (ch * m) % 32]
+    if bad:
+        raise ValueError(f"GroupNorm(32) needs channel counts divisible by 32, got {bad}")
+    if num_res_blocks < 1 or not ch_mult:
+        raise ValueError("the autoencoder needs at least one level and one ResnetBlock per level")
 
 
 AE_PRESETS = {

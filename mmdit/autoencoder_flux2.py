@@ -45,11 +45,7 @@ class AutoEncoderFlux2Params:
     bn_eps: float = 1e-4  # BFL's `bn_eps`, Diffusers' `batch_norm_eps`
 
     def __post_init__(self):
-        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
-        if bad:
-            raise ValueError(f"GroupNorm(32) needs channel counts divisible by 32, got {bad}")
-        if self.num_res_blocks < 1 or not self.ch_mult:
-            raise ValueError("the autoencoder needs at least one level and one ResnetBlock per level")
+        ldm.check_levels(self.ch, self.ch_mult, self.num_res_blocks)
 
     @property
     def downscale(self) -> int:
