@@ -48,8 +48,9 @@ H = SMALL["hidden_size"]
 # PEFT target regex over Diffusers' FLUX.2 module names: split q/k/v (-> rows of our fused qkv), both output
 # projections, the fused single-block linear1 and linear2, SwiGLU MLPs, shared modulations, the final adaLN
 # (stored as (scale, shift) by Diffusers), the image embedder and ([dev]) the guidance embedder.
-PEFT_TARGETS = (r".*(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out|attn\.to_qkv_mlp_proj|single_transformer_blocks\.\d\.attn"
-                r"\.to_out|ff\.linear_in|ff_context\.linear_out|norm_out\.linear|double_stream_modulation_img\.linear"
+PEFT_TARGETS = (r".*(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out|attn\.to_qkv_mlp_proj"
+                r"|single_transformer_blocks\.\d\.attn\.to_out|ff\.linear_in|ff_context\.linear_out|norm_out\.linear"
+                r"|double_stream_modulation_img\.linear"
                 r"|single_stream_modulation\.linear|x_embedder|guidance_embedder\.linear_1)")
 
 
@@ -91,7 +92,8 @@ def test_diffusers_file_matches_peft(flux2, tmp_path):
         keys = set(f.keys())
     assert {"transformer.norm_out.linear.lora_B.weight", "transformer.transformer_blocks.0.attn.to_k.lora_A.weight",
             "transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj.lora_B.weight"} <= keys
-    assert flux2.p.guidance_embed == ("transformer.time_guidance_embed.guidance_embedder.linear_1.lora_A.weight" in keys)
+    guidance_key = "transformer.time_guidance_embed.guidance_embedder.linear_1.lora_A.weight"
+    assert flux2.p.guidance_embed == (guidance_key in keys)
     model = ours(flux2)
     base = run(model, flux2.x)
     assert convert.load_lora(model, path) == "pytorch_lora_weights"
@@ -114,7 +116,8 @@ def bfl_lora(p, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     for i, (name, m) in enumerate((n, m) for n, m in Flux2(p).named_modules() if isinstance(m, torch.nn.Linear)):
         if name != "final_layer.adaLN_modulation.1":
             r = 2 if i % 3 == 0 else 4
-            out[name] = (0.3 * torch.randn(r, m.in_features, generator=g), 0.3 * torch.randn(m.out_features, r, generator=g))
+            A, B = torch.randn(r, m.in_features, generator=g), torch.randn(m.out_features, r, generator=g)
+            out[name] = (0.3 * A, 0.3 * B)
     return out
 
 
@@ -236,7 +239,8 @@ def test_refusals_name_the_problem(flux2, tmp_path):
     assert adapter_names(pipe.transformer) == ["te"] and not isinstance(pipe.encoders["llm"], LoRALinear)
     # LyCORIS LoKr (Diffusers reads it by rebuilding the weight; we do not)
     save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": torch.ones(2, 2),
-               "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2": torch.ones(96, 32)}, tmp_path / "lokr.safetensors")
+               "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2": torch.ones(96, 32)},
+              tmp_path / "lokr.safetensors")
     with pytest.raises(CheckpointError, match=r"lokr\.safetensors: a LyCORIS LoKr / LoHa adapter"):
         convert.load_lora(ours(flux2), tmp_path / "lokr.safetensors")
     # a FLUX.1 LoRA on a FLUX.2 model: the single block's linear1 is another width (SwiGLU, no bias)

@@ -69,7 +69,8 @@ def test_klein_trains_resumes_and_loads_in_diffusers(tmp_path, monkeypatch):
               targets=["attn", "mlp"], cache=str(tmp_path / "cache"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the dataset's corrupt file
-        full = train(tiny_config(tmp_path / "klein.safetensors", data, tmp_path / "full", **kw), encoders=flux2_encoders())
+        full = train(tiny_config(tmp_path / "klein.safetensors", data, tmp_path / "full", **kw),
+                     encoders=flux2_encoders())
     assert len(full.losses) == 4 and all(0 < v < 100 for v in full.losses)
     x0, context, pooled = full.data.load([0, 1])
     assert x0.shape == (2, 32, 8, 8) and context.shape == (2, 6, 48) and pooled is None
