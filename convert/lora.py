@@ -8,6 +8,8 @@ as `WeightDelta`s (all-zero ones are skipped, as Diffusers drops them). A file w
 is refused: the message names the first key or shape that does not fit.
 `load_text_encoder_lora` does the same for the text-encoder part of a file, one encoder (role
 `clip_l`, `clip_g` or `t5`) at a time; `sampling.load_pipeline_lora` loads every part of a file.
+FLUX.2's LLM text encoder takes no LoRA: Diffusers' FLUX.2 pipelines load the transformer's part only
+(`Flux2LoraLoaderMixin._lora_loadable_modules`), so there is no reference to match.
 
 `save_lora` writes `transformer.<Diffusers path>.lora_A/lora_B.weight`: an adapter on a fused
 `qkv` becomes `to_q`, `to_k`, `to_v` with A copied and B split by rows (exact). The header holds
@@ -188,8 +190,10 @@ def load_lora(
     tensors = {k: ckpt.load(k) for k in ckpt}
     parsed, skipped = read_pieces(tensors, ckpt.metadata, model, keymap, str(path))
     if skipped:
+        how = "load them with sampling.load_pipeline_lora" if takes_encoder_lora(model.family) else \
+            f"the text encoder of a {model.family} model takes no LoRA"
         warnings.warn(f"{path}: {len(skipped)} text-encoder LoRA key(s) are not applied to the transformer, "
-                      f"first: {skipped[0]!r} (load them with sampling.load_pipeline_lora)")
+                      f"first: {skipped[0]!r} ({how})")
     _add(model, parsed, name, scale, strict, str(path), what, "transformer")
     return name
 
@@ -214,6 +218,11 @@ def load_text_encoder_lora(
     parsed = text_encoder_pieces(tensors, ckpt.metadata, encoder, role, family, str(path))
     _add(encoder, parsed, name, scale, strict, str(path), what, f"{role} text-encoder")
     return name
+
+
+def takes_encoder_lora(family: str) -> bool:
+    """Whether any text encoder of the family's pipelines takes a LoRA (FLUX.2's LLM does not)."""
+    return any(role in ENCODER_ROLES for role in FAMILIES[family].DIFFUSERS_TEXT_ENCODERS.values())
 
 
 def lora_parts(path: str | os.PathLike, family: str) -> dict[str | None, list[str]]:

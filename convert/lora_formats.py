@@ -1,4 +1,4 @@
-"""The LoRA file formats in use for FLUX and SD3.5: how each names its modules, and where they land in our model.
+"""The LoRA file formats in use (FLUX, FLUX.2, SD3.5): how each names its modules, and where they land in our model.
 
 Every format is a set of (module, down, up, alpha) triples, sometimes with full-weight deltas; what
 differs is the module naming, the tensor names, and where alpha comes from (docs/formats.md, "LoRA
@@ -9,6 +9,7 @@ formats", gives the sources; convert/lora_pieces.py reads the values):
 | Diffusers / PEFT, ai-toolkit | `transformer.<diffusers path>.lora_A/lora_B.weight` | `.alpha` keys, else `lora_adapter_metadata`, else 1 |
 | kohya sd-scripts | `lora_unet_<our path, dots as _>.lora_down/lora_up.weight`, `.alpha` | alpha / rank, 1 without alpha |
 | ComfyUI / BFL | `[diffusion_model.]<our path>.lora_A/B` or `.lora_down/up`, `.alpha` | alpha / rank, 1 without alpha |
+| PEFT on BFL's model (FLUX.2) | `base_model.model.<our path>.lora_A/lora_B.weight` | as ComfyUI / BFL |
 | XLabs | `[diffusion_model.]double_blocks.N.processor.qkv_lora1.down.weight`, ... | 1 |
 
 Full-weight deltas (ComfyUI `comfy/lora.py`, LyCORIS `lycoris/modules/full.py`; trainers write them for
@@ -18,9 +19,15 @@ names write the module with `_`, the Diffusers layout its own module paths (spli
 
 Diffusers paths of split projections (`to_q`, `proj_mlp`, ...) become row slices of our fused
 Linears; the adaLN stored as (scale, shift) by Diffusers gets its LoRA's output rows (B) swapped.
+FLUX.2 (Diffusers `loaders/lora_pipeline.py` `Flux2LoraLoaderMixin.lora_state_dict` and
+`loaders/lora_conversion_utils.py` `_convert_non_diffusers_flux2_lora_to_diffusers`): ai-toolkit writes the
+BFL layout (`diffusion_model.`, lora_A/B, no alpha: scale 1); some files name the blocks in Diffusers'
+words there (`diffusion_model.transformer_blocks.0.attn.to_q`, `single_transformer_blocks.`, and
+`sformer_blocks.` for `transformer_blocks.`), which land as Diffusers paths do; PEFT's own
+`base_model.model.` prefix is read as `diffusion_model.` (other families refuse it, as Diffusers' loaders do).
 XLabs' own pipeline multiplies both down and up by its `lora_weight`, i.e. strength w there is w²
 here; we follow Diffusers (strength is linear). BFL control LoRAs (`lora_B.bias`, replaced norm
-scales) and DoRA are refused with a message saying so.
+scales), DoRA and LyCORIS' LoKr / LoHa are refused with a message saying so.
 
 Text-encoder weights in the same files are read per encoder role (our pipelines' `clip_l`,
 `clip_g`, `t5`) onto Hugging Face module paths, which our encoders share (`text_model.encoder.
@@ -63,6 +70,14 @@ _ROLES = {
     "down.weight": "down", "up.weight": "up", "alpha": "alpha", "diff": "diff", "diff_b": "diff_b",
 }
 _KEY = re.compile(r"(.+?)\.(" + "|".join(re.escape(r) for r in _ROLES) + ")")
+
+# FLUX.2 files in the BFL layout that name blocks as Diffusers does: their prefix -> Diffusers' (Diffusers
+# `_convert_non_diffusers_flux2_lora_to_diffusers`, `possible_expanded_block_prefixes`)
+FLUX2_DIFFUSERS_BLOCKS = {
+    "transformer_blocks.": "transformer_blocks.",
+    "single_transformer_blocks.": "single_transformer_blocks.",
+    "sformer_blocks.": "transformer_blocks.",  # "the legacy `sformer_blocks` alias used by some exports"
+}
 
 XLABS = [  # XLabs processor names -> ours, and whether only the q, k, v rows (3 * in_features) are covered
     (r"double_blocks\.(\d+)\.processor\.qkv_lora1", r"double_blocks.\1.img_attn.qkv", False),
@@ -150,8 +165,9 @@ def diffusers_targets(model: nn.Module, keymap: KeyMap) -> dict[str, Target]:
 # ---- format detection and key parsing ----
 
 
-def detect_format(keys: list[str], source: str) -> str:
-    """`diffusers` | `kohya` | `comfyui` | `xlabs`; refused formats raise with the reason, naming `source`."""
+def detect_format(keys: list[str], source: str, family: str | None = None) -> str:
+    """`diffusers` | `kohya` | `comfyui` | `peft` | `xlabs`; refused formats raise with the reason, naming
+    `source`. family: the model's, where known (`peft`, PEFT's `base_model.model.` keys, is FLUX.2's only)."""
     def has(pred):
         return next((k for k in keys if pred(k)), None)
 
@@ -161,6 +177,9 @@ def detect_format(keys: list[str], source: str) -> str:
         )
     if k := has(lambda k: "dora_scale" in k or "lora_magnitude_vector" in k):
         raise CheckpointError(f"{source}: a DoRA LoRA (key {k!r}): not supported")
+    if k := has(lambda k: ".lokr_" in k or ".hada_" in k):
+        raise CheckpointError(f"{source}: a LyCORIS LoKr / LoHa adapter (key {k!r}): not supported, only LoRA pairs "
+                              "and full-weight deltas")
     if k := has(lambda k: k.startswith(("lora_", "lycoris_")) and not k.startswith(("lora_unet_", "lora_te"))):
         raise CheckpointError(f"{source}: unsupported LoRA key naming {k!r} (OneTrainer / LyCORIS)")
     if has(lambda k: ".processor." in k):
@@ -170,7 +189,10 @@ def detect_format(keys: list[str], source: str) -> str:
     if has(lambda k: k.startswith("transformer.")):
         return "diffusers"
     if k := has(lambda k: k.startswith("base_model.")):
-        raise CheckpointError(f"{source}: unsupported LoRA layout (PEFT `base_model.model.` keys, e.g. {k!r})")
+        if family in (None, "flux2") and k.startswith("base_model.model."):
+            return "peft"  # Diffusers' FLUX.2 loader reads it as `diffusion_model.`
+        raise CheckpointError(f"{source}: unsupported LoRA layout (PEFT `base_model.model.` keys, e.g. {k!r}; "
+                              "Diffusers reads them for FLUX.2 only)")
     return "comfyui"
 
 
@@ -196,7 +218,8 @@ def strip_prefix(fmt: str, key: str) -> str | None:
     """The key without its format's prefix; None for keys of other components (text encoders)."""
     if key.startswith(TEXT_ENCODER_PREFIXES):
         return None
-    prefixes = {"diffusers": ("transformer.",), "kohya": ("lora_unet_",)}.get(fmt, TRANSFORMER_PREFIXES)
+    prefixes = {"diffusers": ("transformer.",), "kohya": ("lora_unet_",), "peft": ("base_model.model.",)}.get(
+        fmt, TRANSFORMER_PREFIXES)
     return next((key[len(p):] for p in prefixes if key.startswith(p)), key)
 
 
@@ -213,7 +236,11 @@ def model_targets(fmt: str, model: nn.Module, keymap: KeyMap) -> dict[str, Targe
             name: Target(ours, 0, 3 * linears[ours].in_features if qkv_only else None)
             for pat, rep, qkv_only in XLABS for name in _examples(pat, n) if (ours := re.sub(pat, rep, name)) in linears
         }
-    return {n: Target(n) for n in linears}
+    out = {n: Target(n) for n in linears}  # ComfyUI, BFL, PEFT on BFL's model
+    if getattr(model, "family", None) == "flux2":  # block paths in Diffusers' words too
+        out |= {alias + path.removeprefix(block): t for path, t in diffusers_targets(model, keymap).items()
+                for alias, block in FLUX2_DIFFUSERS_BLOCKS.items() if path.startswith(block)}
+    return out
 
 
 def delta_targets(fmt: str, model: nn.Module, keymap: KeyMap | None = None) -> dict[tuple[str, str], Target]:

@@ -168,7 +168,7 @@ def read_pieces(
 ) -> tuple[Parsed, list[str]]:
     """All pieces and deltas of a LoRA file for `model` (the keys matching nothing among them); also the
     text-encoder keys, which are not read here."""
-    fmt = detect_format(list(tensors), source)
+    fmt = detect_format(list(tensors), source, getattr(model, "family", None))
     stripped, skipped = {}, []  # {key without prefix: file key}, text-encoder keys
     for k in tensors:
         s = strip_prefix(fmt, k)
@@ -186,7 +186,7 @@ def text_encoder_pieces(
 ) -> Parsed:
     """All pieces and deltas of a LoRA file for our text encoder `role` of a `family` pipeline, and its keys
     that match nothing in the encoder. Keys of the other parts are ignored."""
-    detect_format(list(tensors), source)  # refuses DoRA, control LoRAs, ...
+    detect_format(list(tensors), source, family)  # refuses DoRA, control LoRAs, ...
     out = Parsed([], [], [])
     for prefix, (r, fmt) in text_encoder_prefixes(family).items():
         stripped = {k[len(prefix):]: k for k in tensors if k.startswith(prefix)}

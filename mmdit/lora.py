@@ -50,6 +50,11 @@ TARGET_GROUPS: dict[str, dict[str, list[tuple[str, str | None]]]] = {
         "mod": [(r"joint_blocks\.\d+\.(context|x)_block\.adaLN_modulation\.1", None)],
     },
 }
+# FLUX.2: FLUX.1's blocks and names, but one modulation per kind of block, shared by all (mmdit/flux2.py)
+TARGET_GROUPS["flux2"] = {
+    **TARGET_GROUPS["flux"],
+    "mod": [(r"(double_stream_modulation_(img|txt)|single_stream_modulation)\.lin", None)],
+}
 DEFAULT_TARGETS = ("attn",)  # the paper's choice: every attention projection of both streams
 
 

@@ -207,12 +207,18 @@ class Flux2Pipeline(Pipeline):
             pixels = image_to_tensor(reference_image(image, 2 * ae.params.downscale))  # (1, 3, H, W)
             with torch.no_grad(), self._running(ae):
                 z = ae.encode(pixels.to(self.device, ae.dtype))  # (1, 32, H/8, W/8)
-                refs.append(unpatchify(ae.normalize(patchify(z))))
+                refs.append(self.sampler_latents(z))
         return refs
 
     def autoencoder_latents(self, latents: Tensor) -> Tensor:
         """De-normalized in the patchified 128-channel space: `x * sqrt(running_var + eps) + running_mean`."""
         return unpatchify(self.autoencoder.denormalize(patchify(latents)))
+
+    def sampler_latents(self, latents: Tensor) -> Tensor:
+        """Normalized in the patchified 128-channel space: `(x - running_mean) / sqrt(running_var + eps)`
+        (Diffusers `Flux2KleinPipeline._encode_vae_image`; Diffusers' FLUX.2 LoRA training,
+        `examples/dreambooth/train_dreambooth_lora_flux2_klein.py`, learns in this space too)."""
+        return unpatchify(self.autoencoder.normalize(patchify(latents)))
 
 
 def prompt_format(encoder: nn.Module) -> str:

@@ -1,5 +1,8 @@
 """LoRA files on a whole pipeline: the transformer part and each text encoder's part (convert/lora.py).
 
+FLUX.2's LLM text encoder takes no LoRA (Diffusers' FLUX.2 pipelines load the transformer's part only):
+weights for it (`text_encoder.` keys) are refused by name, or skipped with a warning with strict=False.
+
 A control LoRA (BFL's FLUX.1 Depth/Canny LoRAs) widens the transformer's input embedding to take a
 control image's latents beside the noise (Diffusers `FluxControlPipeline` loads it by widening
 `x_embedder`): this text-to-image pipeline does not give that image, so such a file is refused, named.
@@ -15,6 +18,7 @@ from torch import nn
 
 from convert.files import Checkpoint, CheckpointError
 from convert.lora import load_lora, load_text_encoder_lora, lora_parts
+from convert.lora_formats import ENCODER_ROLES
 from mmdit.lora import remove_lora
 
 from .pipeline import Pipeline
@@ -45,8 +49,8 @@ def load_pipeline_lora(
 
     The transformer part goes to `pipe.transformer`, each text-encoder part to `pipe.encoders[role]`
     (`clip_l`, `clip_g`, `t5`; layouts: convert/lora_formats.py); a file may hold any of them. Weights
-    for an encoder the pipeline does not have (T5 left out, `lora_te2_` CLIP-bigG in a FLUX file) are
-    an error naming it, as are keys matching no layer; strict=False skips them with a warning. Either
+    for an encoder the pipeline does not have (T5 left out, `lora_te2_` CLIP-bigG in a FLUX file) or
+    that takes no LoRA (FLUX.2's LLM) are an error naming it, as are keys matching no layer; strict=False skips them with a warning. Either
     every part loads or none changes. scale: the user strength of every part (a finite number). Returns the
     adapter name. Errors name the file.
     """
@@ -60,11 +64,16 @@ def load_pipeline_lora(
     models: dict[str, nn.Module] = {}
     for part, keys in parts.items():
         model = pipe.transformer if part == "transformer" else pipe.encoders.get(part) if part else None
-        if model is not None:
+        if model is not None and (part == "transformer" or part in ENCODER_ROLES):
             models[part] = model
             continue
-        problem = (f"{len(keys)} LoRA key(s) for the {part} text encoder, which this pipeline does not have"
-                   if part else f"{len(keys)} LoRA key(s) for no text encoder of a {pipe.family} pipeline")
+        if model is not None:
+            problem = (f"{len(keys)} LoRA key(s) for the {part} text encoder, which takes no LoRA here (nor in "
+                       f"Diffusers' {pipe.family} pipelines, which load the transformer's part only)")
+        elif part:
+            problem = f"{len(keys)} LoRA key(s) for the {part} text encoder, which this pipeline does not have"
+        else:
+            problem = f"{len(keys)} LoRA key(s) for no text encoder of a {pipe.family} pipeline"
         if strict:
             raise CheckpointError(f"{path}: {problem}, first: {keys[0]!r}; pass strict=False to load the rest")
         warnings.warn(f"{path}: {problem}: not applied")

@@ -194,6 +194,11 @@ class Pipeline:
         """The sampled latents as the autoencoder decodes them (here: as they are; FLUX.2 de-normalizes)."""
         return latents
 
+    def sampler_latents(self, latents: Tensor) -> Tensor:
+        """The inverse: the autoencoder's `encode` output as the sampler and the transformer see it, the space
+        noise is drawn in and training learns in (here: as it is; FLUX.2 normalizes)."""
+        return latents
+
     # ---- the same for every family ----
 
     @torch.no_grad()

@@ -78,7 +78,8 @@ class TrainConfig:
                                  "paper: 0.97, model timestep 970")
     timesteps: str = setting("window", "timestep sampling: window, t ~ U[t_min, 1]; logit-normal, "
                                        "sigmoid(N(0, 1)); or uniform, U[0, 1]")
-    guidance: float = setting(3.5, "distilled guidance fed to guidance-embedded models (FLUX-dev); ignored by others")
+    guidance: float = setting(3.5, "distilled guidance fed to guidance-embedded models (FLUX.1-dev, FLUX.2 [dev]); "
+                                   "ignored by others")
     seed: int = setting(0, "seed of the LoRA init, data order, noise and timesteps")
     dtype: str = setting("bfloat16", "dtype of the frozen base weights: bfloat16, float16 or float32; "
                                      "the LoRA trains in float32")

@@ -9,7 +9,7 @@ center-cropped: a `resolution` square, or with `buckets` the aspect-ratio bucket
 `resolution**2` pixels closest to the image's. Images smaller than that are enlarged, with a warning.
 
 A first pass encodes every image with the autoencoder and every caption with the text encoders and
-writes one safetensors file per pair (`latent`, `context`, `pooled`) under the cache folder, named by
+writes one safetensors file per pair (`latent`, `context`, `pooled` if any) under the cache folder, named by
 a hash of the image file (path, size, mtime), the caption, the size settings and the encoders' tag:
 a later run (or a resumed one) finds them and does not load the encoders at all. Unreadable images
 are skipped with a warning naming them, and counted; a marker file remembers them (until the file
@@ -57,17 +57,22 @@ class Item:
 
 @dataclass
 class Encoders:
-    """What the caching pass needs from a pipeline: captions -> (context (B, L, D), pooled (B, P)),
-    images (B, 3, H, W) in [-1, 1] -> latents (B, 16, H/8, W/8), scaled for the transformer."""
+    """What the caching pass needs from a pipeline: captions -> (context (B, L, D), pooled (B, P) or None),
+    images (B, 3, H, W) in [-1, 1] -> latents (B, z, H/8, W/8) as the transformer sees them (z = 16; FLUX.2:
+    32, batch-norm normalized)."""
 
-    encode_prompts: Callable[[list[str]], tuple[Tensor, Tensor]]
+    encode_prompts: Callable[[list[str]], tuple[Tensor, Tensor | None]]
     encode_images: Callable[[Tensor], Tensor]
 
 
 def encoders_from_pipeline(pipe) -> Encoders:
     """The text encoders and autoencoder of a `sampling.Pipeline`."""
     ae = pipe.autoencoder
-    return Encoders(pipe.encode_prompt, lambda images: ae.encode(images.to(ae.device, ae.dtype)))
+
+    def encode_images(images: Tensor) -> Tensor:  # as the transformer sees them (FLUX.2: normalized)
+        return pipe.sampler_latents(ae.encode(images.to(ae.device, ae.dtype)))
+
+    return Encoders(pipe.encode_prompt, encode_images)
 
 
 def derive_seed(seed: int, *keys: object) -> int:
@@ -203,9 +208,9 @@ def _unreadable(cached: Path) -> Path:
 class CachedBatch(NamedTuple):
     """Cached pairs of one bucket, stacked."""
 
-    latents: Tensor  # (B, 16, h, w)
+    latents: Tensor  # (B, z, h, w)
     context: Tensor  # (B, L, D)
-    pooled: Tensor  # (B, P)
+    pooled: Tensor | None  # (B, P); None for FLUX.2
 
 
 @dataclass
@@ -222,7 +227,9 @@ class CachedData:
 
     def load(self, indices: list[int], device: torch.device | str = "cpu") -> CachedBatch:
         rows = [load_file(self.files[i]) for i in indices]
-        return CachedBatch(*(torch.stack([r[k] for r in rows]).to(device) for k in ("latent", "context", "pooled")))
+        latents, context = (torch.stack([r[k] for r in rows]).to(device) for k in ("latent", "context"))
+        pooled = torch.stack([r["pooled"] for r in rows]).to(device) if "pooled" in rows[0] else None
+        return CachedBatch(latents, context, pooled)
 
 
 def _encode(items: list[Item], files: list[Path], resolution: int, buckets: bool, encoders: Encoders) -> None:
@@ -250,10 +257,12 @@ def _encode(items: list[Item], files: list[Path], resolution: int, buckets: bool
         for group in by_size.values():
             for start in range(0, len(group), ENCODE_BATCH):
                 chunk = group[start : start + ENCODE_BATCH]
-                latents = encoders.encode_images(torch.stack([pixels[i] for i in chunk]))  # (b, 16, h, w)
+                latents = encoders.encode_images(torch.stack([pixels[i] for i in chunk]))  # (b, z, h, w)
                 context, pooled = encoders.encode_prompts([items[i].caption for i in chunk])
                 for b, i in enumerate(chunk):
-                    tensors = {"latent": latents[b], "context": context[b], "pooled": pooled[b]}
+                    tensors = {"latent": latents[b], "context": context[b]}
+                    if pooled is not None:
+                        tensors["pooled"] = pooled[b]
                     meta = {"image": str(items[i].image), "caption": items[i].caption}
                     with writing(files[i]):
                         save_safetensors_atomic(tensors, files[i], meta)

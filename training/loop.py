@@ -227,7 +227,7 @@ def train(
         cut_log(log_file, start)
     sampler = BatchSampler(data.sizes, B, cfg.seed)
     schedule = TacaSchedule(cfg.taca_gamma, cfg.t_min)
-    guided = model.family == "flux" and model.params.guidance_embed  # FLUX-dev: distilled guidance is an input
+    guided = getattr(model.params, "guidance_embed", False)  # FLUX.1-dev, FLUX.2 [dev]: distilled guidance is an input
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and rank == 0))
     settings = cfg.to_json()

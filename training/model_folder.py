@@ -55,6 +55,8 @@ def write_model_folder(base: Path, family: str, transformer: Path, folder: Path,
     """Write `folder` (atomically: built beside it, then renamed): the base model (`base`, a local folder or
     single file) with `transformer` (our checkpoint of a `family` model, class `class_name`) in its place.
     NoModelFolder if a part of the base cannot be linked; WriteError if the folder cannot be written."""
+    if not model_index(base) and family not in PIPELINE_CLASS:  # FLUX.2: which pipeline, distilled or not
+        raise NoModelFolder(f"the base {base} is a single {family} file, whose model folder is not made here")
     links = _links(base, family)
     index = model_index(base) or {"_class_name": PIPELINE_CLASS[family]}
     index = {**index, "transformer": ["mmdit", class_name]}
