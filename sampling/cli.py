@@ -200,9 +200,10 @@ def add_sample(sub) -> None:
     many = p.add_argument_group("a prompt file: one PNG per (prompt, seed), on one process or many (torchrun)")
     many.add_argument("--prompts", type=Path, metavar="FILE",
                       help="one prompt a line (blank lines and # comments skipped), or JSONL (*.jsonl): "
-                           '{"prompt": ..., "negative": ..., "seed": ...} a line; instead of PROMPT')
+                           '{"prompt": ..., "negative": ..., "seed": ...} a line; instead of PROMPT (default: none)')
     many.add_argument("--outdir", type=Path, metavar="DIR",
-                      help="where the PNGs and manifest.jsonl go; the same command again resumes there")
+                      help="where the PNGs and manifest.jsonl go; the same command again resumes there (no default: "
+                           "needed with --prompts)")
     many.add_argument("--seeds", type=parse_seeds, nargs="+", metavar="SEED",
                       help="seeds of every prompt: numbers and ranges, e.g. 0 1 2 3 or 0-3 (default 0)")
     many.add_argument("--batch-size", type=integer(1), metavar="N", help="images per model call (default 1)")
