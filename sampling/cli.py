@@ -5,6 +5,8 @@ and `generate`'s keyword arguments in one place (`load_run`):
 - `mmdit sample PROMPT` writes a PNG whose text chunks hold every setting used (prompt, model, variant,
   steps, guidance, seed, taca, size, version; negative prompt, true CFG, skip-layer guidance, LoRAs,
   FLUX.2's reference images and the display upscale when used), so an image can be made again;
+  `mmdit sample --prompts FILE --outdir DIR` writes one such PNG per (prompt, seed) and a manifest, on one
+  process or many under torchrun, resuming where a run stopped (sampling/batch.py);
 - `mmdit probe PROMPT` runs the same sampling without decoding, records per step and layer the
   attention mass image queries give to text keys, and writes it as a CSV and a heat map
   (sampling/probe.py).
@@ -22,7 +24,6 @@ FLUX, ...) is a warning and is neither applied nor written to the output.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import random
@@ -34,17 +35,19 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from convert.files import write_atomic
 from mmdit.probe import probe_attention
 
+from .batch import Processes, Run, sample_items
 from .limits import MAX_PNG_PIXELS, MAX_SEED, MAX_SIDE, MAX_STEPS, SizeError
 from .loading import default_model, load_pipeline
 from .lora import load_pipeline_lora
 from .offload import OFFLOAD
+from .outdir import LAYOUTS, check_names, check_outdir, png_bytes
 from .pipeline import Pipeline
 from .probe import heatmap, write_csv
+from .prompt_file import parse_seeds, read_prompts
 from .sampler import NonFiniteError, slg_window
 from .taca import TacaSchedule
 
@@ -137,9 +140,11 @@ def parse_device(text: str) -> str:
     return text
 
 
-def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
-    """The flags of a sampling run, the same for every subcommand; `seed` is the default seed (None: random)."""
-    p.add_argument("prompt", help="the text to draw")
+def add_run_arguments(p: argparse.ArgumentParser, seed: int | None, prompt_file: bool = False) -> None:
+    """The flags of a sampling run, the same for every subcommand; `seed` is the default seed (None: random);
+    `prompt_file`: the prompt may be left out for --prompts."""
+    p.add_argument("prompt", nargs="?" if prompt_file else None, help="the text to draw"
+                   + (" (or --prompts FILE)" if prompt_file else ""))
     p.add_argument("--model", help="Diffusers folder, official single file, or hub repo id (owner/name[/file.safetensors]) "
                    "(default: the tiny model shipped in assets/tiny-flux)")
     p.add_argument("--steps", type=integer(1, MAX_STEPS), help=f"sampling steps, 1 to {MAX_STEPS} (default: the model's)")
@@ -185,13 +190,26 @@ def add_run_arguments(p: argparse.ArgumentParser, seed: int | None) -> None:
 
 def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="text to image", description="Generate an image from a prompt.", epilog=EPILOG)
-    add_run_arguments(p, seed=None)
+    add_run_arguments(p, seed=None, prompt_file=True)
     p.add_argument("--upscale", type=integer(1), metavar="N",
                    help=f"enlarge the PNG N times, nearest-neighbour, up to {MAX_PNG_PIXELS} pixels in all "
                         "(default: the model's; the tiny model 8)")
     p.add_argument("-o", "--output", default="out.png", type=Path,
                    help="the PNG to write, a .png name, or an existing FIFO or device such as /dev/stdout, "
                         "written through (default out.png)")
+    many = p.add_argument_group("a prompt file: one PNG per (prompt, seed), on one process or many (torchrun)")
+    many.add_argument("--prompts", type=Path, metavar="FILE",
+                      help="one prompt a line (blank lines and # comments skipped), or JSONL (*.jsonl): "
+                           '{"prompt": ..., "negative": ..., "seed": ...} a line; instead of PROMPT (default: none)')
+    many.add_argument("--outdir", type=Path, metavar="DIR",
+                      help="where the PNGs and manifest.jsonl go; the same command again resumes there (no default: "
+                           "needed with --prompts)")
+    many.add_argument("--seeds", type=parse_seeds, nargs="+", metavar="SEED",
+                      help="seeds of every prompt: numbers and ranges, e.g. 0 1 2 3 or 0-3 (default 0)")
+    many.add_argument("--batch-size", type=integer(1), metavar="N", help="images per model call (default 1)")
+    many.add_argument("--layout", choices=LAYOUTS,
+                      help="file names: index, DIR/000000.png; t2i-compbench, DIR/samples/{prompt}_{index:06d}.png "
+                           "as the T2I-CompBench evaluation scripts read them (default index)")
     p.set_defaults(func=sample)
 
 
@@ -212,6 +230,7 @@ def add_probe(sub) -> None:
 
 
 # flags that mean something only beside another
+PROMPT_FILE_FLAGS = ("--outdir", "--seeds", "--batch-size", "--layout")  # beside --prompts
 NEEDS = {"--taca-until": "--taca", "--lora-scale": "--lora", "--slg-scale": "--slg", "--slg-start": "--slg",
          "--slg-stop": "--slg"}
 
@@ -227,6 +246,10 @@ def warn(args: argparse.Namespace, message: str) -> None:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other are an error; flags that would do nothing are a warning (and unset)."""
+    if getattr(args, "prompts", None) is not None:
+        check_prompt_file_flags(args)
+    elif args.prompt is None:
+        raise ValueError("give a PROMPT, or --prompts FILE --outdir DIR")
     if args.slg_start is not None and args.slg_stop is not None and args.slg_start >= args.slg_stop:
         raise ValueError(f"--slg-start {args.slg_start} must be below --slg-stop {args.slg_stop}")
     if getattr(args, "upscale", None) is not None:  # mmdit sample; without --size, the smallest image bounds it
@@ -234,10 +257,30 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.offload_encoders and args.offload not in (None, "encoders"):
         warn(args, f"--offload-encoders does nothing with --offload {args.offload}: ignored")
         args.offload_encoders = False
+    if getattr(args, "prompts", None) is None:
+        for flag in PROMPT_FILE_FLAGS if hasattr(args, "prompts") else ():
+            if getattr(args, dest(flag)) is not None:
+                warn(args, f"{flag} does nothing without --prompts: ignored")
     for flag, other in NEEDS.items():
         if getattr(args, dest(flag)) is not None and not getattr(args, dest(other)):
             warn(args, f"{flag} does nothing without {other}: ignored")
             setattr(args, dest(flag), None)
+
+
+def check_prompt_file_flags(args: argparse.Namespace) -> None:
+    """--prompts: a PROMPT or --seed beside it is an error, --outdir is needed; the defaults filled in."""
+    if args.prompt is not None:
+        raise ValueError(f"give a PROMPT or --prompts {args.prompts}, not both")
+    if args.seed is not None:
+        raise ValueError("--seed is for one PROMPT; with --prompts give --seeds (e.g. --seeds 0-3)")
+    if args.outdir is None:
+        raise ValueError(f"--prompts {args.prompts}: name the folder for the images, --outdir DIR")
+    args.seeds = [s for group in args.seeds or [[0]] for s in group]
+    repeated = next((s for i, s in enumerate(args.seeds) if s in args.seeds[:i]), None)
+    if repeated is not None:
+        raise ValueError(f"--seeds: seed {repeated} is given twice")
+    args.batch_size = args.batch_size or 1
+    args.layout = args.layout or "index"
 
 
 def check_upscale(width: int, height: int, upscale: int, smallest: bool = False) -> None:
@@ -363,16 +406,14 @@ def png_text(args: argparse.Namespace, pipe: Pipeline, settings: dict) -> dict[s
 def write_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
     """The PNG with `text` as its text chunks, written atomically (through, to a FIFO or a device: encoded
     in memory first, as PIL's PNG writer seeks)."""
-    png = PngInfo()
-    for k, v in text.items():
-        png.add_text(k, v)
-    encoded = io.BytesIO()
-    image.save(encoded, format="PNG", pnginfo=png)
-    write_atomic(path, lambda name: Path(name).write_bytes(encoded.getvalue()))
+    encoded = png_bytes(image, text)
+    write_atomic(path, lambda name: Path(name).write_bytes(encoded))
 
 
 def sample(args: argparse.Namespace) -> int:
     check_flags(args)
+    if args.prompts is not None:
+        return sample_prompt_file(args)
     check_output(args.output, ".png", through=True)
     pipe, settings = load_run(args)
     (image,) = pipe.generate([args.prompt], progress=True, **settings)
@@ -387,6 +428,22 @@ def sample(args: argparse.Namespace) -> int:
     print(f"wrote {args.output} ({width}x{height}{shown}, {pipe.variant}, {settings['steps']} steps, "
           f"seed {settings['seed']})", file=report)
     return 0
+
+
+def sample_prompt_file(args: argparse.Namespace) -> int:
+    """`mmdit sample --prompts FILE --outdir DIR`: the file, the names and the folder checked before the model
+    loads, then every (prompt, seed) drawn by sampling/batch.py (under torchrun: this process's share)."""
+    items = read_prompts(args.prompts, args.seeds)
+    check_names(args.layout, items, args.prompts)
+    check_outdir(args.outdir)
+    processes = Processes.from_env()
+    args.device = processes.device(args.device)
+    pipe, settings = load_run(args)
+    text = png_text(args, pipe, settings)
+    if args.upscale > 1:
+        text["upscale"] = f"x{args.upscale} nearest"
+    return sample_items(pipe, settings, text, items, args.prompts,
+                        Run(args.outdir, args.layout, args.batch_size, args.upscale), processes)
 
 
 def probe(args: argparse.Namespace) -> int:

@@ -210,7 +210,7 @@ class Pipeline:
         steps: int | None = None,
         guidance: float | None = None,
         negative_prompt: str | list[str] | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         noise: Tensor | None = None,
         temperature: TemperatureSpec = None,
         sigmas: list[float] | Tensor | None = None,
@@ -231,7 +231,9 @@ class Pipeline:
         steps, guidance: default the model's (`self.defaults`); guidance is FLUX-dev's distilled scale
             or SD3's CFG scale (`guidance_for`).
         noise: the initial latents (B, z, H/f, W/f) (z, f: the autoencoder's, 16 and 8 for the real
-            ones); else drawn from `seed` (0 to 2**64 - 1) with a CPU generator.
+            ones); else drawn from `seed` (0 to 2**64 - 1) with a CPU generator. A list of seeds, one per
+            prompt: each image's noise is drawn alone from its own seed, as `generate([prompt], seed=s)`
+            draws it, so an image does not depend on the other prompts of the batch (`mmdit sample --prompts`).
         temperature: TACA's: a number, a [2, 2] matrix, or a function of t (sampling/taca.py).
         gate_lora: with a temperature given, LoRA adapters are on only where it is not 1.
         sigmas: your own noise levels instead of the model's schedule, in Diffusers' meaning
@@ -267,7 +269,11 @@ class Pipeline:
             raise ValueError(f"skip-layer guidance (skip_guidance_layers, --slg) is SD3-only; this is a {self.family} model")
         check_finite(guidance=guidance, true_cfg=true_cfg, skip_layer_guidance_scale=skip_layer_guidance_scale,
                      skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
-        check_seed(seed)
+        seeds = seed if isinstance(seed, (list, tuple)) else None
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed, or one per prompt")
+        for s in seeds or [seed]:
+            check_seed(s)
         if sigmas is not None and noise_levels is not None:
             raise ValueError("give sigmas (shifted by the model's schedule, as Diffusers) or noise_levels (as they are), "
                              "not both")
@@ -277,7 +283,9 @@ class Pipeline:
         guidance = self.defaults.guidance if guidance is None else guidance
         h, w = height // ae.params.downscale, width // ae.params.downscale
         shape = (len(prompts), ae.params.z_channels, h, w)
-        if noise is None:
+        if noise is None and seeds is not None:  # (1, z, h, w) each, drawn alone
+            noise = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        elif noise is None:
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
             noise = torch.randn(shape, generator=gen)
         elif tuple(noise.shape) != shape:

@@ -108,7 +108,8 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
 
 
 def test_sample_and_probe_take_the_same_run_flags():
-    """One set of flags for a run: every flag of `mmdit sample` but -o and --upscale means the same to `mmdit probe`."""
+    """One set of flags for a run: every flag of `mmdit sample` but -o, --upscale and the prompt file's
+    (--prompts, --outdir, --seeds, --batch-size, --layout) means the same to `mmdit probe`."""
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     add_sample(sub)
@@ -118,7 +119,7 @@ def test_sample_and_probe_take_the_same_run_flags():
            "--taca", "1.2", "--taca-until", "0.9", "--lora", "a.safetensors", "--lora-scale", "0.7", "--size", "64x32",
            "--device", "cpu", "--dtype", "fp32", "--offload", "stream", "--offload-encoders"]
     sample, probe = (vars(parser.parse_args([c, *run])) for c in ("sample", "probe"))
-    for own in ("command", "func", "output", "upscale"):
+    for own in ("command", "func", "output", "upscale", "prompts", "outdir", "seeds", "batch_size", "layout"):
         sample.pop(own), probe.pop(own, None)
     assert sample == probe and sample["slg"] == [7, 8] and sample["size"] == (64, 32)
     defaults = {c: vars(parser.parse_args([c, PROMPT])) for c in ("sample", "probe")}
