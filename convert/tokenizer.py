@@ -3,7 +3,9 @@
 CLIP folders hold `vocab.json` + `merges.txt`; their pad token comes from `tokenizer_config.json` or
 `special_tokens_map.json` (`<|endoftext|>` for CLIP-L and FLUX, `!` for SD3's `tokenizer_2`).
 T5 folders hold `spiece.model` (read with sentencepiece, preferred) and/or `tokenizer.json`.
-The length is `max_length`, else the folder's `model_max_length`.
+The length is `max_length`, else the folder's `model_max_length`. A folder whose config says
+`"normalize_prompts": "captions"` (a word-level `spiece.model`, such as the tiny model's) gives a
+`CaptionTokenizer` (mmdit/caption_tokenizer.py): prompts rewritten as its captions are, unknown words warned.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from mmdit.caption_tokenizer import CaptionTokenizer
 from mmdit.tokenizer import CLIP_EOS, CLIPTokenizer, T5Tokenizer
 
 from .files import CheckpointError, Config, read_config
@@ -49,7 +52,10 @@ def _max_length(max_length: int | None, config: Config, folder: Path) -> int:
     return n
 
 
-def load_tokenizer(path, max_length: int | None = None) -> CLIPTokenizer | T5Tokenizer:
+NORMALIZERS = ("captions",)  # the values of a tokenizer config's "normalize_prompts"
+
+
+def load_tokenizer(path, max_length: int | None = None) -> CLIPTokenizer | T5Tokenizer | CaptionTokenizer:
     """A CLIP or T5 tokenizer from a `tokenizer*/` folder (or a T5 `spiece.model` / `tokenizer.json` file).
 
     max_length: CLIP 77; T5 512 (FLUX dev), 256 (FLUX schnell, SD3). Default: the folder's `model_max_length`.
@@ -69,11 +75,17 @@ def load_tokenizer(path, max_length: int | None = None) -> CLIPTokenizer | T5Tok
             return CLIPTokenizer.from_files(
                 path / "vocab.json", path / "merges.txt", pad="eos" if pad == CLIP_EOS else pad, max_length=length
             )
+    normalize = config.get("normalize_prompts")
+    if normalize is not None and normalize not in NORMALIZERS:
+        raise CheckpointError(f"{config.source}: field 'normalize_prompts' is {normalize!r}, expected one of "
+                              f"{', '.join(map(repr, NORMALIZERS))}")
     for f in files:
         if f.is_file() and (f.suffix == ".model" or _is_unigram(f)):
+            if normalize and f.suffix != ".model":
+                raise CheckpointError(f"{config.source}: 'normalize_prompts' needs a word-level spiece.model, not {f}")
             length = _max_length(max_length, config, folder)
             with _naming(f):
-                return T5Tokenizer.from_file(f, length)
+                return (CaptionTokenizer if normalize else T5Tokenizer).from_file(f, length)
     raise ValueError(
         f"{path}: not a tokenizer this project reads: expected vocab.json + merges.txt (CLIP) "
         "or spiece.model / a unigram tokenizer.json (T5)"

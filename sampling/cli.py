@@ -7,9 +7,9 @@ and `generate`'s keyword arguments in one place (`load_run`):
   FLUX.2's reference images and the display upscale when used), so an image can be made again;
   `mmdit sample --prompts FILE --outdir DIR` writes one such PNG per (prompt, seed) and a manifest, on one
   process or many under torchrun, resuming where a run stopped (sampling/batch.py);
-- `mmdit probe PROMPT` runs the same sampling without decoding, records per step and layer the
-  attention mass image queries give to text keys, and writes it as a CSV and a heat map
-  (sampling/probe.py).
+- `mmdit probe PROMPT` runs the same sampling, records per step and layer the attention mass image
+  queries give to text keys, and writes it as a CSV and a heat map (sampling/probe.py), with the image
+  drawn beside them.
 Without --model both use the tiny model shipped with the repo (assets/tiny-flux: 32x32 scenes of
 colored shapes, shown 8x enlarged), offline. Steps, guidance and size default to the model's own
 (`sampling.pipeline.DEFAULTS`). The `mmdit` command (cli.py at the repository's top) adds `mmdit train`.
@@ -217,12 +217,14 @@ def add_probe(sub) -> None:
     p = sub.add_parser(
         "probe", help="attention mass of image queries on text keys, per layer and step",
         description="Sample like `mmdit sample` and record, per step and layer, the share of attention that image "
-        "queries give to text keys (with TACA applied). Writes OUTPUT (CSV) and OUTPUT with .png (heat map).",
+        "queries give to text keys (with TACA applied). Writes OUTPUT (CSV), OUTPUT with .png (heat map) and "
+        "OUTPUT with -image.png (the image drawn).",
         epilog=EPILOG,
     )
-    add_run_arguments(p, seed=0)
+    add_run_arguments(p, seed=None)
     p.add_argument("-o", "--output", default="probe.csv", type=Path,
-                   help="the CSV to write, a .csv name; the heat map goes beside it with .png (default probe.csv)")
+                   help="the CSV to write, a .csv name; the heat map goes beside it with .png, the image with "
+                        "-image.png (default probe.csv)")
     p.set_defaults(func=probe)
 
 
@@ -448,18 +450,24 @@ def sample_prompt_file(args: argparse.Namespace) -> int:
 
 def probe(args: argparse.Namespace) -> int:
     check_flags(args)
-    heat = args.output.with_suffix(".png")
+    heat, drawn = args.output.with_suffix(".png"), args.output.with_name(args.output.stem + "-image.png")
     check_output(args.output, ".csv", through=False)
-    check_output(heat, ".png", through=False)
+    for png in (heat, drawn):
+        check_output(png, ".png", through=False)
     pipe, settings = load_run(args)
     with probe_attention(pipe.transformer) as result:
-        pipe.generate([args.prompt], output="latent", progress=True, **settings)
+        (image,) = pipe.generate([args.prompt], progress=True, **settings)  # the decoder is not probed
     write_csv(result, args.output)
     text = png_text(args, pipe, settings)
-    title = f"text mass of image queries: {pipe.variant}, {text['size']}, taca {text['taca']}"
+    title = f"text mass of image queries: {pipe.variant}, {text['size']}, seed {text['seed']}, taca {text['taca']}"
     write_png(heatmap(result, title), heat, text)
+    up = pipe.defaults.upscale  # shown as `mmdit sample` shows it by default (the tiny model: 8x, nearest)
+    if up > 1 and image.width * image.height * up**2 <= MAX_PNG_PIXELS:
+        image = image.resize((image.width * up, image.height * up), Image.Resampling.NEAREST)
+        text = text | {"upscale": f"x{up} nearest"}
+    write_png(image, drawn, text)
     print(f"wrote {args.output} ({len(result.records)} rows: {result.step + 1} model calls x {len(result.layers())} "
-          f"layers) and {heat}")
+          f"layers), {heat} and {drawn} (seed {settings['seed']})")
     return 0
 
 

@@ -46,7 +46,7 @@ from mmdit.autoencoder_flux2 import patchify, unpatchify
 from .parts import model_index
 from .pipeline import Defaults, Pipeline, as_prompts, negatives
 from .sampler import Conditioning, Guidance
-from .schedules import given_sigmas, shift_sigmas
+from .schedules import given_sigmas
 
 # Sampling defaults (steps, guidance, side), by kind:
 # - [dev]: Diffusers `Flux2Pipeline.__call__` (50 steps, guidance_scale 4.0) = BFL flux2 `scripts/cli.py` `Config`;

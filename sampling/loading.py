@@ -19,7 +19,8 @@ A Diffusers folder's `model_index.json` may mark a part as absent on purpose (`"
 null]`, Diffusers' convention for optional components): that text encoder's features are then zeros
 (a FLUX model without CLIP gets a zero pooled vector), and the autoencoder's folder may hold a
 weightless `PixelCodec` (mmdit/pixel_codec.py) instead. Its `"sampling_defaults"` entry, when there
-is one, replaces the family's defaults (`steps`, `guidance`, `size`, `upscale`; sampling/pipeline.py).
+is one, replaces the family's defaults (`steps`, `guidance`, `size`, `upscale`, and `trained_sizes`:
+other sizes are drawn with a warning; sampling/pipeline.py).
 A FLUX T5 tokenizer folder's `model_max_length` sets the text length (else 512).
 The tiny model shipped in assets/tiny-flux is such a folder.
 
@@ -199,5 +200,8 @@ def load_pipeline(
         kwargs["distilled"] = is_distilled(path)
     own_defaults = model_index(path).get("sampling_defaults")
     if own_defaults is not None:
-        kwargs["defaults"] = Defaults(**own_defaults)
+        try:
+            kwargs["defaults"] = Defaults(**own_defaults)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / 'model_index.json'}: sampling_defaults: {e}") from None
     return PIPELINES[family](transformer, ae, encoders, tokenizers, name=name, offload=offload, device=device, **kwargs)

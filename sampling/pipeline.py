@@ -45,12 +45,33 @@ from .taca import TemperatureSpec
 @dataclass(frozen=True)
 class Defaults:
     """Per-model sampling defaults: steps and guidance (FLUX-dev: distilled; SD3: CFG scale; 0 = none),
-    image side in pixels, and the nearest-neighbour factor `mmdit sample` enlarges the PNG by."""
+    image side in pixels, the nearest-neighbour factor `mmdit sample` enlarges the PNG by, and the sizes
+    (width, height) the model was trained at when it draws well at those only (the tiny model: 32x32).
+
+    `generate` draws any other size too, with a warning naming these (not an error: a fine-tune at another
+    resolution keeps its base's folder settings, and the attention probe at other sizes is an experiment
+    of its own). A model_index.json writes them "WIDTHxHEIGHT"; empty (the real models): no warning.
+    """
 
     steps: int
     guidance: float
     size: int = 1024
     upscale: int = 1
+    trained_sizes: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "trained_sizes", tuple(map(parse_trained_size, self.trained_sizes)))
+
+
+def parse_trained_size(size) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" (as model_index.json writes it) or (width, height) -> (width, height), positive integers."""
+    try:
+        w, h = (int(x) for x in size.lower().split("x")) if isinstance(size, str) else size
+    except (TypeError, ValueError):
+        w = h = 0
+    if type(w) is int and type(h) is int and w > 0 and h > 0:
+        return w, h
+    raise ValueError(f"trained_sizes holds {size!r}, expected sizes written WIDTHxHEIGHT, e.g. \"32x32\"")
 
 
 # The official recommendations (Diffusers' pipeline docs and the SD3.5 model cards); the variant
@@ -265,6 +286,11 @@ class Pipeline:
             raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
         ae = self.autoencoder
         check_size(height, width, self.transformer.params, ae.params.downscale)
+        trained = self.defaults.trained_sizes
+        if trained and (width, height) not in trained:
+            warnings.warn(f"{self.name or 'this model'} was trained at {', '.join(f'{w}x{h}' for w, h in trained)} only "
+                          f"(WIDTHxHEIGHT; sampling_defaults.trained_sizes in its model_index.json): at {width}x{height} "
+                          "it draws poorly, often an almost blank canvas", stacklevel=3)
         if skip_guidance_layers is not None and self.family != "sd3":
             raise ValueError(f"skip-layer guidance (skip_guidance_layers, --slg) is SD3-only; this is a {self.family} model")
         check_finite(guidance=guidance, true_cfg=true_cfg, skip_layer_guidance_scale=skip_layer_guidance_scale,

@@ -123,7 +123,7 @@ def test_sample_and_probe_take_the_same_run_flags():
         sample.pop(own), probe.pop(own, None)
     assert sample == probe and sample["slg"] == [7, 8] and sample["size"] == (64, 32)
     defaults = {c: vars(parser.parse_args([c, PROMPT])) for c in ("sample", "probe")}
-    assert defaults["sample"]["seed"] is None and defaults["probe"]["seed"] == 0  # random for sample; 0 for the probe
+    assert defaults["sample"]["seed"] is None and defaults["probe"]["seed"] is None  # random for both, recorded
     assert defaults["sample"]["output"] == Path("out.png") and defaults["probe"]["output"] == Path("probe.csv")
 
 
@@ -136,7 +136,7 @@ def test_probe_with_negative_true_cfg_lora_and_offload(tmp_path):
     out = tmp_path / "probe.csv"
     assert main(["probe", PROMPT, "--model", str(folder), "--steps", "2", "--size", "32x48", "--negative", "blurry",
                  "--true-cfg", "2", "--taca", "1.3", "--taca-until", "0.5", "--lora", str(tmp_path / "taca.safetensors"),
-                 "--lora-scale", "0.5", "--offload", "model", "-o", str(out)]) == 0
+                 "--lora-scale", "0.5", "--offload", "model", "--seed", "0", "-o", str(out)]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
     fresh = load_pipeline(folder)

@@ -19,7 +19,8 @@ from mmdit.sd3 import PRESETS as SD3_PRESETS
 from mmdit.sd3 import SD3
 from sampling import TacaSchedule, load_pipeline
 from sampling.cli import main
-from sampling.probe import CELL, HEAD, LEFT, color
+from sampling.loading import DEFAULT_MODEL
+from sampling.probe import CELL, LEFT, RATIO_RANGE, color, grid_top
 
 # SD3.5-Medium's tiny layout: qk-norm and an image-only attn2 in layer 0 (which the probe must skip)
 TINY_SD3 = replace(SD3_PRESETS["sd3.5-medium"].tiny(), pos_embed_max_size=16, adm_in_channels=32, context_in_dim=64)
@@ -141,7 +142,7 @@ def test_cli_writes_csv_and_png(tmp_path):
     _, folder = built("flux")
     out = tmp_path / "probe.csv"
     assert main(["probe", "a photo of a cat", "--model", str(folder), "--steps", "2", "--size", "32x48",
-                 "--taca", "1.4", "--taca-until", "0.5", "-o", str(out)]) == 0
+                 "--taca", "1.4", "--taca-until", "0.5", "--seed", "0", "-o", str(out)]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
     layers = ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"]
@@ -160,11 +161,58 @@ def test_cli_writes_csv_and_png(tmp_path):
         assert int(r["n_img"]) == 6 and float(r["uniform"]) == pytest.approx(int(r["n_txt"]) / (int(r["n_txt"]) + 6))
     image = Image.open(out.with_suffix(".png"))
     assert image.text["taca"] == "gamma=1.4 until t=0.5" and image.text["steps"] == "2"
-    # the heat map: steps x layers cells, the colour of a cell is its mass over the largest
-    top = max(float(r["text_mass"]) for r in rows)
+    # the heat map: steps x layers cells, the colour of a cell is its mass against the uniform share
+    head, uniform = grid_top(layers), float(rows[0]["uniform"])
     for s, j in ((0, 0), (1, 3)):
-        cell = image.convert("RGB").getpixel((LEFT + j * CELL + CELL // 2, HEAD + s * CELL + CELL // 2))
-        assert cell == color(float(rows[4 * s + j]["text_mass"]) / top)
+        cell = image.convert("RGB").getpixel((LEFT + j * CELL + CELL // 2, head + s * CELL + CELL // 2))
+        assert cell == color(float(rows[4 * s + j]["text_mass"]), uniform)
+    # the image drawn beside them: what `mmdit sample` draws with the same flags and seed
+    drawn = Image.open(tmp_path / "probe-image.png")
+    (expected,) = pipe.generate("a photo of a cat", height=48, width=32, steps=2, guidance=3.5, seed=0,
+                                temperature=TacaSchedule(1.4, 0.5))
+    assert drawn.size == (32, 48) and drawn.text["seed"] == "0"
+    assert drawn.convert("RGB").tobytes() == expected.tobytes()
+
+
+def test_heat_map_colors_read_against_the_uniform_share():
+    """One fixed scale for every map: white at the uniform share, full blue at 1/8 of it and below, full red at 8x."""
+    uniform = 12 / 76
+    assert color(uniform, uniform) == (255, 255, 255)
+    assert color(uniform / RATIO_RANGE, uniform) == color(uniform / 100, uniform) == (33, 102, 172)
+    assert color(uniform * RATIO_RANGE, uniform) == color(uniform * 100, uniform) == (178, 24, 43)
+    half = color(uniform / RATIO_RANGE**0.5, uniform)  # half-way on the log scale
+    assert half == tuple(round(255 + (b - 255) * 0.5) for b in (33, 102, 172))
+    assert color(0.05, 0.1) == color(0.2, 0.4)  # a ratio to the uniform share, whatever the share
+
+
+def test_plain_and_taca_maps_share_one_scale(tmp_path):
+    """`mmdit probe` without and with --taca on the shipped model (default seed: random, as `mmdit sample`): the
+    two heat maps' color bars are the same pixels, each cell is `color(its mass, uniform)`, and each run's image
+    is what `generate` draws at the seed it recorded."""
+    maps = {}
+    for name, flags in (("plain", []), ("taca", ["--taca", "1.5", "--taca-until", "0"])):
+        out = tmp_path / f"{name}.csv"
+        assert main(["probe", "a red circle to the left of a blue square", "--steps", "2", *flags, "-o", str(out)]) == 0
+        with open(out) as f:
+            rows = list(csv.DictReader(f))
+        heat, drawn = Image.open(out.with_suffix(".png")), Image.open(tmp_path / f"{name}-image.png")
+        layers = list(dict.fromkeys(r["layer"] for r in rows))
+        head, uniform = grid_top(layers), float(rows[0]["uniform"])
+        assert uniform == pytest.approx(12 / (12 + 64), rel=1e-5)  # 12 text tokens, 16x16 latent in 2x2 patches
+        for i, r in enumerate(rows):
+            s, j = divmod(i, len(layers))
+            cell = heat.convert("RGB").getpixel((LEFT + j * CELL + CELL // 2, head + s * CELL + CELL // 2))
+            assert cell == color(float(r["text_mass"]), uniform)
+        bar = LEFT + len(layers) * CELL + 14
+        maps[name] = (heat.convert("RGB").crop((bar, head, bar + 13, head + 121)).tobytes(), rows)
+        seed = int(drawn.text["seed"])
+        assert heat.text["seed"] == drawn.text["seed"] and drawn.text["upscale"] == "x8 nearest"
+        pipe = load_pipeline(DEFAULT_MODEL, dtype=torch.float32)  # what the CLI loads on a CPU
+        (expected,) = pipe.generate("a red circle to the left of a blue square", steps=2, seed=seed,
+                                    temperature=TacaSchedule(1.5, 0.0) if flags else None)
+        assert drawn.size == (256, 256) and drawn.resize((32, 32), Image.Resampling.NEAREST).tobytes() == expected.tobytes()
+    assert maps["plain"][0] == maps["taca"][0]  # the same scale: vmin, vmax and every shade between
+    assert sum(float(r["text_mass"]) for r in maps["taca"][1]) > sum(float(r["text_mass"]) for r in maps["plain"][1])
 
 
 def test_cli_sd3_with_cfg(tmp_path):
