@@ -20,8 +20,8 @@ from mmdit import build_model
 
 from .autoencoder import autoencoder_part, autoencoder_shapes, params_from_shapes
 from .autoencoder_flux2 import is_flux2_autoencoder
-from .families import FAMILIES
 from .errors import UnsupportedQuantization
+from .families import FAMILIES
 from .files import Checkpoint, CheckpointError, Shapes, read_config
 from .load import Detected, find_transformer
 from .lora_formats import delta_targets, detect_format, group_keys, is_lora, lora_part, model_targets, strip_prefix
