@@ -331,7 +331,11 @@ def train(
         log.warning("stopped at step %d (the last complete one): %s written; continue with "
                     "mmdit train --output %s --resume", step, checkpoint_path(ckpt_dir, step), out)
     elif cfg.train == "full":
-        weights = {k: fsdp.full(v) for k, v in model.state_dict().items()}  # every process: FSDP gathers
+        weights = {}
+        for k, v in model.state_dict().items():
+            value = fsdp.full(v)  # every process: FSDP gathers
+            if rank == 0:
+                weights[k] = value
         if rank == 0:
             write_full_model(cfg, model, weights, step, settings)
     else:
