@@ -28,6 +28,7 @@ import convert
 from sampling.offload import blocks_of
 from training import TrainConfig, train
 from training.checkpoint import list_checkpoints
+from training.cli import main
 
 STEP2 = Path("checkpoints") / "step-0000002.safetensors"
 STEPS = ("step-0000002.safetensors", "step-0000003.safetensors")
@@ -87,6 +88,7 @@ def runs(tmp_path_factory):
     data = write_dataset(tmp / "data", n=4)
     kw = dict(steps=3, batch_size=4, lr=1e-2, checkpoint_every=2, cache=str(tmp / "cache"))
     full = {**kw, "train": "full", "lr": 1e-3, "max_grad_norm": 0.0}  # unclipped: the same sums
+    bf16 = {**kw, "dtype": "bfloat16", "mixed_precision": "bf16"}  # the defaults: a bf16 base, a float32 LoRA
     before = torch.get_num_threads()  # module scope: set up before `one_thread`
     torch.set_num_threads(1)
     with warnings.catch_warnings():
@@ -94,6 +96,7 @@ def runs(tmp_path_factory):
         one = train(tiny_config(base, data, tmp / "one", grad_accum=2, **kw), encoders=standin_encoders())
         unclipped = train(tiny_config(base, data, tmp / "one-unclipped", grad_accum=2, max_grad_norm=0.0, **kw))
         train(tiny_config(base, data, tmp / "one-full", grad_accum=2, **full))
+        train(tiny_config(base, data, tmp / "one-bf16", grad_accum=2, **bf16), encoders=standin_encoders())
     torch.set_num_threads(before)
     configs = [
         tiny_config(base, data, tmp / "fsdp", fsdp=True, **kw),
@@ -103,6 +106,7 @@ def runs(tmp_path_factory):
         tiny_config(base, data, tmp / "fsdp-from-ddp", fsdp=True, resume=str(tmp / "ddp" / STEP2), **kw),
         tiny_config(base, data, tmp / "ddp-from-fsdp", resume=str(tmp / "fsdp" / STEP2), **kw),
         tiny_config(base, data, tmp / "fsdp-full", fsdp=True, **full),
+        tiny_config(base, data, tmp / "fsdp-bf16", fsdp=True, **bf16),
     ]
     stop = tiny_config(base, data, tmp / "stopped", fsdp=True, **{**kw, "steps": 4, "checkpoint_every": 10})
     blocks = len(blocks_of(convert.load_transformer(base)))
@@ -144,6 +148,14 @@ def test_fsdp_full_training_writes_the_whole_transformer(runs):
     assert max(abs(x - y) / y for x, y in zip(log_losses(tmp / "fsdp-full"), log_losses(tmp / "one-full"))) <= 1e-6
 
 
+def test_fsdp_with_a_bf16_base(runs):
+    """The defaults (a bf16 base under bf16 autocast, the LoRA in float32): FSDP gathers the two dtypes of a
+    block together; the same steps as 1 process x 2 micro-batches."""
+    tmp, _, _ = runs
+    assert log_losses(tmp / "fsdp-bf16") == log_losses(tmp / "one-bf16")
+    assert_same_file(tmp / "fsdp-bf16" / "lora.safetensors", tmp / "one-bf16" / "lora.safetensors")
+
+
 def test_resume_across_modes_is_exact(runs):
     """Resumed in the other mode from step 2: step 3 and the LoRA are those of the uninterrupted run."""
     tmp, _, _ = runs
@@ -161,8 +173,11 @@ def test_fsdp_processes_stop_together_when_one_is_signalled(runs):
     assert not (tmp / "stopped" / "lora.safetensors").exists()
 
 
-def test_fsdp_in_one_process_is_refused(tmp_path):
+def test_fsdp_in_one_process_is_refused(tmp_path, capsys):
     cfg = tiny_config(tmp_path / "no-model.safetensors", tmp_path / "no-data", tmp_path / "out", fsdp=True)
     with pytest.raises(ValueError, match=r"torchrun --nproc-per-node N"):
         train(cfg)
+    assert main(["--model", cfg.model, "--data", cfg.data, "--output", cfg.output, "--fsdp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmdit train: --fsdp shards the model") and "torchrun" in err[0]
     assert not (tmp_path / "out").exists()
