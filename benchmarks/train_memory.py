@@ -1,4 +1,5 @@
-"""GPU memory per process of `mmdit train` for FLUX.1-dev and FLUX.2 [dev], per mode, computed on the meta device (issue 15).
+"""GPU memory per process of `mmdit train` for FLUX.1-dev and FLUX.2 [dev], per mode, computed on the meta device
+(issue 15).
 
     python -m benchmarks.train_memory             # full size (1024x1024, bf16): a minute on a CPU, no GPU
     python -m benchmarks.train_memory --tiny --dry-run
@@ -256,7 +257,8 @@ def modes_table(name: str, by_train: dict[str, Sizes], gpu_counts=GPU_COUNTS) ->
         for ckpt in (False, True):
             label = "LoRA rank 16 (attn)" if train == "lora" else "full (bf16)"
             cells = [sz.one_gpu(ckpt)] + [sz.fsdp(n, ckpt) for n in gpu_counts]
-            lines.append(f"| {label} | {'on' if ckpt else 'off'} | " + " | ".join(f"{c / GB:.1f}" for c in cells) + " |")
+            figures = " | ".join(f"{c / GB:.1f}" for c in cells)
+            lines.append(f"| {label} | {'on' if ckpt else 'off'} | {figures} |")
     return "\n".join(lines)
 
 

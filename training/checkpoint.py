@@ -99,7 +99,8 @@ def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.opti
             _, idx, name = k.split(".", 2)
             value = ckpt.load(k)
             p = trained[int(idx)] if int(idx) < len(trained) else None
-            state.setdefault(int(idx), {})[name] = shard_like(value, p) if p is not None and value.shape == p.shape else value
+            sharded = p is not None and value.shape == p.shape  # a moment of parameter idx (not its step count)
+            state.setdefault(int(idx), {})[name] = shard_like(value, p) if sharded else value
     for idx, values in opt["scalars"].items():
         state.setdefault(int(idx), {}).update(values)
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in opt["param_groups"]]

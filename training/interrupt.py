@@ -92,7 +92,8 @@ class StopOnSignal:
                     signal.Signals(signum).name)
 
     def check(self) -> None:
-        """Raise `StepAborted` if a stop was requested (in any process, with `agree`) while the step may be abandoned."""
+        """Raise `StepAborted` if a stop was requested (in any process, with `agree`) while the step may be
+        abandoned."""
         if not self._abortable:
             return
         requested = self._requested.is_set()
