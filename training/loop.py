@@ -122,7 +122,7 @@ def load_data_and_model(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if cfg.fsdp:
-        return data, model or convert.load_transformer(resolve(cfg.model)[0], device="cpu", dtype=dtype)
+        return data, model if model is not None else convert.load_transformer(resolve(cfg.model)[0], dtype=dtype)
     if model is None:
         model = convert.load_transformer(resolve(cfg.model)[0], device=device, dtype=dtype)
     return data, model.to(device)
