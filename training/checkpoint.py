@@ -5,6 +5,8 @@ and the optimizer's state tensors (`optimizer.<index>.exp_avg`, ...); the header
 step, the optimizer's param groups and scalar state, and the run's settings. The learning-rate
 schedule and every random draw are functions of the step and the seed (training/data.py), so the
 step is the whole scheduler and RNG state: a resumed run repeats the uninterrupted one exactly.
+Under `--fsdp` the tensors are gathered whole first (training/fsdp.py): the file is the same, so
+either mode resumes the other's checkpoints.
 
 Resuming, the run's settings come from its checkpoint (`read_run`; training/config.py `make_config`
 fills in every setting not given anew). A setting given anew that differs is refused if it changes
@@ -26,6 +28,7 @@ from torch import Tensor
 from convert.files import Checkpoint, CheckpointError, read_header, save_safetensors_atomic
 
 from .disk import writing
+from .fsdp import shard_like
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ MARKER = "mmdit.step"  # the header entry that makes a file a training checkpoin
 FIXED = ("model", "train", "rank", "alpha", "targets")
 # settings whose change keeps a resumed run equal to an uninterrupted one (and steps, with a constant lr)
 NEUTRAL = {"resume", "output", "cache", "device", "progress", "checkpoint_every", "keep_checkpoints",
-           "gradient_checkpointing"}
+           "gradient_checkpointing", "fsdp"}
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -48,11 +51,10 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(
-    path: Path, step: int, params: dict[str, Tensor], optimizer: torch.optim.Optimizer, settings: str
-) -> None:
-    """Write the checkpoint of `step`; settings: the run's `TrainConfig.to_json()`. `WriteError` if it cannot."""
-    sd = optimizer.state_dict()
+def save_checkpoint(path: Path, step: int, params: dict[str, Tensor], optimizer_state: dict, settings: str) -> None:
+    """Write the checkpoint of `step`: the trained parameters and `optimizer.state_dict()`, full tensors (under
+    --fsdp, training/fsdp.py `gathered`); settings: the run's `TrainConfig.to_json()`. `WriteError` if it cannot."""
+    sd = optimizer_state
     tensors = {f"lora.{k}": v for k, v in params.items()}
     scalars: dict[str, dict] = {}
     for idx, state in sd["state"].items():
@@ -71,7 +73,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> int:
-    """Restore the trained parameters and the optimizer in place; returns the checkpoint's step."""
+    """Restore the trained parameters and the optimizer in place (under --fsdp, each process its shards of
+    them); returns the checkpoint's step."""
     ckpt = Checkpoint.open(path)
     if MARKER not in ckpt.metadata:
         raise CheckpointError(f"{path}: not a training checkpoint (no {MARKER} in its header)")
@@ -87,13 +90,17 @@ def load_checkpoint(path: Path, params: dict[str, Tensor], optimizer: torch.opti
             value = ckpt.load(f"lora.{k}")
             if value.shape != p.shape:
                 raise CheckpointError(f"{path}: lora.{k} has shape {list(value.shape)}, this run's is {list(p.shape)}")
-            p.copy_(value)
+            p.copy_(shard_like(value, p))
     opt = json.loads(ckpt.metadata["mmdit.optimizer"])
     state: dict[int, dict] = {}
+    trained = list(params.values())  # the optimizer's parameters, in its order
     for k in ckpt:
         if k.startswith("optimizer."):
             _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = ckpt.load(k)
+            value = ckpt.load(k)
+            p = trained[int(idx)] if int(idx) < len(trained) else None
+            sharded = p is not None and value.shape == p.shape  # a moment of parameter idx (not its step count)
+            state.setdefault(int(idx), {})[name] = shard_like(value, p) if sharded else value
     for idx, values in opt["scalars"].items():
         state.setdefault(int(idx), {}).update(values)
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in opt["param_groups"]]

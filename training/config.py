@@ -85,6 +85,8 @@ class TrainConfig:
                                      "the LoRA trains in float32")
     mixed_precision: str = setting("bf16", "autocast of the forward: bf16, or no for the base dtype")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward, for less memory")
+    fsdp: bool = setting(False, "under torchrun, shard the model's weights (and what trains, and its optimizer "
+                                "state) over the processes with PyTorch's FSDP2, for a model one GPU cannot hold")
     checkpoint_every: int = setting(500, "steps between training checkpoints")
     keep_checkpoints: int = setting(2, "the newest N training checkpoints are kept")
     resume: str | None = setting(None, "continue from the newest checkpoint in OUTPUT/checkpoints (no value) "

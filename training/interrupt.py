@@ -18,6 +18,9 @@ again, once the first has been handled, acts at once (Ctrl-C: KeyboardInterrupt)
 With several processes the signal must reach each one (torchrun passes its SIGINT / SIGTERM on to its
 workers; Ctrl-C reaches the whole process group): each abandons its share, and the loop's all-reduce
 of the "aborted" flag makes every process discard the step, so no collective call is left unmatched.
+Under FSDP (training/fsdp.py) the processes also meet at every block (its weights are all-gathered),
+so one that abandoned the step alone would leave the others waiting there: each check is then a vote
+(`agree`, called by every process at the same checks) and all abandon the step at the same block.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from torch import Tensor, nn
@@ -41,12 +45,14 @@ class StepAborted(Exception):
 
 class StopOnSignal:
     """Ctrl-C or SIGTERM requests a stop (`requested`); inside `abortable()` the model's blocks raise
-    `StepAborted` at the next block, forward or backward. `model`: whose blocks check (None: no checks)."""
+    `StepAborted` at the next block, forward or backward. `model`: whose blocks check (None: no checks).
+    `agree(requested)`: whether any process requested a stop (None: this process decides alone)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, model: nn.Module | None = None):
+    def __init__(self, model: nn.Module | None = None, agree: Callable[[bool], bool] | None = None):
         self.model = model
+        self.agree = agree
         self._requested = threading.Event()
         self._abortable = False
         self._previous: dict[int, object] = {}
@@ -86,8 +92,14 @@ class StopOnSignal:
                     signal.Signals(signum).name)
 
     def check(self) -> None:
-        """Raise `StepAborted` if a stop was requested while the step may be abandoned."""
-        if self._abortable and self._requested.is_set():
+        """Raise `StepAborted` if a stop was requested (in any process, with `agree`) while the step may be
+        abandoned."""
+        if not self._abortable:
+            return
+        requested = self._requested.is_set()
+        if self.agree is not None:
+            requested = self.agree(requested)
+        if requested:
             raise StepAborted
 
     def _check_in_backward(self, module: nn.Module, args, output) -> None:

@@ -3,8 +3,9 @@
 One optimizer step: the global batch (`batch_size` pairs, from the seeded `BatchSampler`) is split
 into `grad_accum` micro-batches, each split over the processes; every sample draws its noise and t
 from (seed, step, its index in the global batch), so 1 process with accumulation and N processes
-compute the same samples. Gradients are averaged over processes (training/distributed.py),
-clipped, and AdamW steps with a linear warm-up (then constant, or a cosine decay to 0). Only the
+compute the same samples. Gradients are averaged over processes (training/distributed.py; with
+`fsdp`, the weights are sharded over the processes and FSDP2's reduce-scatter averages them:
+training/fsdp.py), clipped, and AdamW steps with a linear warm-up (then constant, or a cosine decay to 0). Only the
 adapter's A and B matrices train, in float32; the base stays in `dtype` and the forward runs under
 bf16 autocast by default. With `train="full"` every weight of the transformer trains instead (how
 the tiny model of assets/tiny-flux is trained from its random initialization; use dtype float32).
@@ -46,6 +47,7 @@ from sampling.hub import resolve
 from sampling.offload import blocks_of
 
 from . import distributed as dist
+from . import fsdp
 from .checkpoint import (
     check_resumed_settings,
     checkpoint_path,
@@ -99,38 +101,50 @@ def load_data_and_model(
     cfg: TrainConfig, device: torch.device, model: nn.Module | None, encoders: Encoders | None
 ) -> tuple[CachedData, nn.Module]:
     """The cached pairs, and the transformer (`model`, else loaded from `cfg.model`). The pipeline's encoders
-    are loaded only if some pair is not cached yet; its transformer is then kept, the rest freed."""
+    are loaded only if some pair is not cached yet; its transformer is then kept, the rest freed. With
+    `fsdp` the transformer stays on the CPU (fsdp.shard moves each process's share to the device) and the
+    pipeline's is not kept (it was offloaded)."""
     dtype = getattr(torch, cfg.dtype)
     pipe = None  # the pipeline, if its encoders were needed
 
     def load_encoders() -> Encoders:
         nonlocal pipe
-        pipe = load_pipeline(cfg.model, device=device, dtype=dtype)
+        pipe = load_pipeline(cfg.model, device=device, dtype=dtype, offload="model" if cfg.fsdp else None)
         return encoders_from_pipeline(pipe)
 
     tag = f"{cfg.model}|{cfg.dtype}"  # the encoders, in the cache keys
     data = prepare(scan(cfg.data), cfg.cache_dir, cfg.resolution, cfg.buckets, tag,
                    load_encoders if encoders is None else lambda: encoders)
-    if model is None and pipe is not None:
+    if model is None and pipe is not None and not cfg.fsdp:
         model = pipe.transformer
     pipe = None  # the encoders go
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if cfg.fsdp:
+        return data, model if model is not None else convert.load_transformer(resolve(cfg.model)[0], dtype=dtype)
     if model is None:
         model = convert.load_transformer(resolve(cfg.model)[0], device=device, dtype=dtype)
     return data, model.to(device)
 
 
-def trainable_parameters(cfg: TrainConfig, model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_parameters(cfg: TrainConfig, model: nn.Module, device: torch.device) -> dict[str, nn.Parameter]:
     """Freeze the model and add the adapter (seeded, the same in every process), or with train="full"
-    unfreeze every weight; the trained parameters by name, rank 0's values in every process."""
+    unfreeze every weight; the trained parameters by name, rank 0's values in every process. With `fsdp`
+    the model is then sharded, and the parameters are its shards (DTensors); they are not broadcast first
+    (the model is on the CPU, which NCCL cannot send from): every process read the same file and drew the
+    same seeded adapter on the CPU."""
     model.requires_grad_(cfg.train == "full")
     torch.manual_seed(cfg.seed)
     if cfg.train == "lora":
         inject_lora(model, ADAPTER, cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, dtype=torch.float32)
+    if cfg.gradient_checkpointing:  # before sharding, as torchtitan does
+        checkpoint_blocks(model)
+    if cfg.fsdp:
+        fsdp.shard(model, device)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    dist.broadcast_(list(params.values()))
+    if not cfg.fsdp:
+        dist.broadcast_(list(params.values()))
     return params
 
 
@@ -188,6 +202,8 @@ def train(
         torch.cuda.set_device(device)
     dist.init_from_env(device.type)
     rank, world = dist.rank(), dist.world()
+    if cfg.fsdp:
+        fsdp.check_launch()
     B, micro = cfg.batch_size, cfg.batch_size // cfg.grad_accum  # pairs per step, per micro-step (all processes)
     if micro % world:
         raise ValueError(f"batch_size / grad_accum = {micro} pairs per micro-step do not split over {world} processes")
@@ -215,10 +231,8 @@ def train(
     data, model = load_data_and_model(cfg, device, model, encoders)
     if rank == 0:
         log.info("%d pairs (%d encoded now, %d unreadable images skipped)", len(data), data.encoded, data.skipped)
-    params = trainable_parameters(cfg, model)
+    params = trainable_parameters(cfg, model, device)
     model.train()
-    if cfg.gradient_checkpointing:
-        checkpoint_blocks(model)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = load_checkpoint(resumed, params, optimizer) if resumed is not None else 0
     if resumed is not None and rank == 0:
@@ -235,13 +249,15 @@ def train(
 
     def save(step: int) -> None:
         nonlocal saved_at
+        tensors, optimizer_state = fsdp.gathered(params, optimizer)  # every process: FSDP gathers
         if rank == 0:
-            save_checkpoint(checkpoint_path(ckpt_dir, step), step, params, optimizer, settings)
+            save_checkpoint(checkpoint_path(ckpt_dir, step), step, tensors, optimizer_state, settings)
             prune(ckpt_dir, cfg.keep_checkpoints)
         saved_at = step
 
     step, losses, interrupted = start, [], False
-    with StopOnSignal(model) as stop:
+    # with FSDP every process must abandon a step at the same block: the processes vote at each check
+    with StopOnSignal(model, fsdp.vote() if cfg.fsdp else None) as stop:
         while step < cfg.steps and not interrupted:
             t0 = time.perf_counter()
             batch = sampler(step)  # the global batch: indices of cached pairs
@@ -285,9 +301,10 @@ def train(
             for p in params.values():  # an adapter the forward did not reach still steps (as in every process)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            dist.average_gradients(list(params.values()))
+            if not cfg.fsdp:  # FSDP's reduce-scatter has averaged them
+                dist.average_gradients(list(params.values()))
             clip = cfg.max_grad_norm
-            grad_norm = torch.nn.utils.clip_grad_norm_(params.values(), clip).item() if clip else None
+            grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(params.values(), clip)).item() if clip else None
             lr = lr_at(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -313,26 +330,43 @@ def train(
     if interrupted:
         log.warning("stopped at step %d (the last complete one): %s written; continue with "
                     "mmdit train --output %s --resume", step, checkpoint_path(ckpt_dir, step), out)
-    elif rank == 0 and cfg.train == "full":
-        meta = {"train.steps": str(step), "train.config": settings}
-        with writing(out / "transformer.safetensors"):
-            save_safetensors_atomic(model.state_dict(), out / "transformer.safetensors", meta)
-        log.info("wrote %s", out / "transformer.safetensors")
-        try:
-            write_model_folder(resolve(cfg.model)[0], model.family, out / "transformer.safetensors", out / "model",
-                               type(model).__name__)
-            log.info("wrote %s, the base model with the trained transformer: mmdit sample --model %s",
-                     out / "model", out / "model")
-        except (NoModelFolder, CheckpointError, FileNotFoundError) as e:  # the base's parts are not to be linked
-            log.warning("no model folder written: %s. To sample in Python: pipe = sampling.load_pipeline(%r); "
-                        "pipe.transformer = convert.load_transformer(%r)", e, cfg.model,
-                        str(out / "transformer.safetensors"))
-    elif rank == 0:
-        meta = {"taca.gamma": cfg.taca_gamma, "taca.until": cfg.t_min, "train.steps": step, "train.config": settings}
-        with writing(out / "lora.safetensors"):
-            convert.save_lora(model, out / "lora.safetensors", ADAPTER, meta)
-        log.info("wrote %s: mmdit sample --model %s --lora %s", out / "lora.safetensors", cfg.model,
-                 out / "lora.safetensors")
+    elif cfg.train == "full":
+        weights = {}
+        for k, v in model.state_dict().items():
+            value = fsdp.full(v)  # every process: FSDP gathers
+            if rank == 0:
+                weights[k] = value
+        if rank == 0:
+            write_full_model(cfg, model, weights, step, settings)
+    else:
+        with fsdp.full_parameters(model, list(params)):  # every process: FSDP gathers
+            if rank == 0:
+                meta = {"taca.gamma": cfg.taca_gamma, "taca.until": cfg.t_min, "train.steps": step,
+                        "train.config": settings}
+                with writing(out / "lora.safetensors"):
+                    convert.save_lora(model, out / "lora.safetensors", ADAPTER, meta)
+                log.info("wrote %s: mmdit sample --model %s --lora %s", out / "lora.safetensors", cfg.model,
+                         out / "lora.safetensors")
     dist.barrier()
     model.eval()
     return TrainResult(model, losses, step, interrupted, data)
+
+
+def write_full_model(cfg: TrainConfig, model: nn.Module, weights: dict[str, torch.Tensor], step: int,
+                     settings: str) -> None:
+    """`OUTPUT/transformer.safetensors` (`weights`: the whole transformer) and `OUTPUT/model/`, the base model
+    with it in place (or a warning saying how to sample without it)."""
+    out = Path(cfg.output)
+    meta = {"train.steps": str(step), "train.config": settings}
+    with writing(out / "transformer.safetensors"):
+        save_safetensors_atomic(weights, out / "transformer.safetensors", meta)
+    log.info("wrote %s", out / "transformer.safetensors")
+    try:
+        write_model_folder(resolve(cfg.model)[0], model.family, out / "transformer.safetensors", out / "model",
+                           fsdp.model_class(model).__name__)  # Flux, not FSDP's FSDPFlux
+        log.info("wrote %s, the base model with the trained transformer: mmdit sample --model %s",
+                 out / "model", out / "model")
+    except (NoModelFolder, CheckpointError, FileNotFoundError) as e:  # the base's parts are not to be linked
+        log.warning("no model folder written: %s. To sample in Python: pipe = sampling.load_pipeline(%r); "
+                    "pipe.transformer = convert.load_transformer(%r)", e, cfg.model,
+                    str(out / "transformer.safetensors"))
