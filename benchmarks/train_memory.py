@@ -56,7 +56,7 @@ from torch.distributed._composable import checkpoint
 import mmdit
 from mmdit.flux import PRESETS as FLUX_PRESETS
 from mmdit.flux2 import PRESETS as FLUX2_PRESETS
-from mmdit.lora import TARGET_GROUPS, inject_lora
+from mmdit.lora import inject_lora
 from sampling.offload import blocks_of
 from training.loss import flow_matching_loss
 
@@ -71,9 +71,6 @@ LORA_RANK, TEXT_TOKENS, LATENT = 16, 512, 128  # the paper's rank; FLUX's prompt
 TINY_TEXT_TOKENS, TINY_LATENT = 16, 16
 GAMMA = 1.2  # TACA on: the image-query x text-key logits scaled (two attention calls)
 META = torch.device("meta")
-# the attention projections of FLUX.2, where mmdit/lora.py has no `attn` group for it (the single blocks' fused
-# linear1 whole: a few more LoRA rows than its q, k, v rows alone)
-FLUX2_ATTN = [r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)", r"single_blocks\.\d+\.linear(1|2)"]
 
 
 # ---- the fused CUDA kernels, with a backward ----
@@ -151,8 +148,7 @@ def setup(params, train: str, gradient_checkpointing: bool, tiny: bool) -> Setup
         model = mmdit.build_model(params)
     model.requires_grad_(train == "full")
     if train == "lora":  # bf16 here: autocast computes the float32 LoRA in bf16
-        targets = ["attn"] if "attn" in TARGET_GROUPS.get(params.family, {}) else FLUX2_ATTN
-        inject_lora(model, "taca", LORA_RANK, LORA_RANK, targets, 0.0, dtype=torch.bfloat16)
+        inject_lora(model, "taca", LORA_RANK, LORA_RANK, ["attn"], 0.0, dtype=torch.bfloat16)
     if gradient_checkpointing:
         for block in blocks_of(model):
             checkpoint(block)
