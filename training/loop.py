@@ -271,7 +271,7 @@ def train(
                 with stop.abortable():  # a stop request abandons the step (StepAborted) within a block
                     for m in range(cfg.grad_accum):
                         js = range(m * micro + rank * local, m * micro + (rank + 1) * local)  # indices in the global batch
-                        x0, context, pooled = data.load([batch[j] for j in js], device)  # (b, 16, h, w), (b, L, D), (b, P)
+                        x0, context, pooled = data.load([batch[j] for j in js], device)  # (b, C, h, w), (b, L, D), (b, P) | None
                         # each sample's t and noise: its own generator, named by (seed, step, index in the global batch)
                         gens = [generator(cfg.seed, "sample", step, j) for j in js]
                         t = torch.cat([sample_t(cfg.timesteps, cfg.t_min, g) for g in gens]).to(device)  # (b,)

@@ -47,9 +47,10 @@ def batch_temperature(spec: TemperatureSpec, t: Tensor) -> Temperature:
 
 def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, t: Tensor, context: Tensor, pooled: Tensor,
                        guidance: Tensor | None = None, temperature: Temperature = None) -> Tensor:
-    """Mean squared error of the velocity (float32 scalar). x0, noise: (B, 16, h, w); t: (B,)."""
+    """Mean squared error of the velocity (float32 scalar). x0, noise: (B, C, h, w) latents (C: 16 for FLUX.1
+    and SD3, 128 for FLUX.2); t: (B,)."""
     x0, noise = x0.float(), noise.float()
     tt = t.float().view(-1, 1, 1, 1)
-    x_t = (1 - tt) * x0 + tt * noise  # (B, 16, h, w)
+    x_t = (1 - tt) * x0 + tt * noise  # (B, C, h, w)
     v = model(x_t, t, context, pooled, guidance=guidance, temperature=temperature)
     return F.mse_loss(v.float(), noise - x0)
