@@ -156,7 +156,7 @@ print(f"{name}: ok")'
 FLUX2_WHY=""
 flux2_known() {
     local out
-    out=$("$PYTHON" -c "$FLUX2_PROBE" 2>&1)
+    out=$(timeout --kill-after=5 120 "$PYTHON" -c "$FLUX2_PROBE" 2>&1)  # imports and a meta-device build: seconds
     FLUX2_WHY=$(tail -n 1 <<<"$out")
     [[ "$FLUX2_WHY" == "flux2-klein-4b: ok" ]]
 }
@@ -179,7 +179,8 @@ for name in $BLOCKS; do
             if flux2_known; then
                 block "$name" "${ST[@]}" --models flux2-klein-4b --warmup "$WARMUP" --steps "$STEPS" --no-graph-breaks
             else
-                note "### Failed: $name" "" "Not run: the FLUX.2 probe (FLUX2_PROBE) ended with: ${FLUX2_WHY:-nothing printed}" ""
+                note "### Failed: $name" "" \
+                     "Not run: the FLUX.2 probe (FLUX2_PROBE) ended with: ${FLUX2_WHY:-nothing printed}" ""
                 FAILED+=("$name")
             fi ;;
         *)

@@ -169,8 +169,9 @@ def diffusers_twin(ours: nn.Module) -> nn.Module:
 
             ref = Flux2Transformer2DModel(
                 in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
-                attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
-                mlp_ratio=p.mlp_ratio, axes_dims_rope=p.axes_dim, rope_theta=p.theta, guidance_embeds=p.guidance_embed,
+                attention_head_dim=p.head_dim, num_attention_heads=p.num_heads,
+                joint_attention_dim=p.context_in_dim, mlp_ratio=p.mlp_ratio, axes_dims_rope=p.axes_dim,
+                rope_theta=p.theta, guidance_embeds=p.guidance_embed,
             )
             sd = convert_flux2_transformer_checkpoint_to_diffusers(dict(sd))  # it pops keys: give it a copy
         else:
