@@ -16,8 +16,10 @@
 #   sd3              SD3.5-Large, then SD3.5-Medium transformers, eager, a CFG step (batch 2): plain and TACA
 #   pipeline-memory  FLUX.1-dev pipeline peak memory per offload mode (none, encoders, stream-encoders):
 #                    max_memory_allocated and reserved, beside benchmarks/memory_cost.py's computed figures
-#   flux2-klein      FLUX.2 [klein] 4B, ours against Diffusers' Flux2Transformer2DModel: runs once
-#                    benchmarks/step_time.py knows the model "flux2-klein-4b" (see MODELS there), else says so
+#   flux2-klein      FLUX.2 [klein] 4B transformer, 1024x1024 (4096 image tokens, 512 text), batch 1, eager: ours
+#                    plain and TACA 1.2, Diffusers' Flux2Transformer2DModel plain and with explicit-logits TACA;
+#                    first a probe (FLUX2_PROBE) that the Diffusers in use builds the twin, else the block fails
+#                    with the probe's last line (the FLUX.1 and SD3 blocks run with an older Diffusers)
 #
 # Each block runs in its own process (a crash or out-of-memory stops that block only) under `timeout`
 # with what is left of the budget; a block whose GPU estimate (EST below: estimates, not measurements)
@@ -28,6 +30,7 @@
 #                       code paths, install lines and results file in a minute or two (tests/test_benchmarks.py)
 #   BUDGET_S=540        wall-time budget of the whole run, seconds
 #   BLOCKS="..."        the blocks to run, in this order (default: all of the above), e.g. for a rerun
+#   EST_S=60            one estimate, seconds, for every block instead of EST below (a machine of other speed)
 #   WHEELS=.whl         folder of wheels for what the machine lacks (Diffusers 0.42.1), installed with
 #                       pip --no-index --no-deps --target SITE and put first on PYTHONPATH
 #   SITE=/tmp/gpu_suite_site   where they are installed
@@ -66,6 +69,29 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
+# The flux2-klein rows can run here: benchmarks/step_time.py has them, and the Diffusers in use builds the
+# twin (Flux2Transformer2DModel holding our tiny model's tensors, strict keys, on the meta device: no memory).
+# It passes on the exact last line it prints, not on an exit status alone. It only imports and builds on the
+# meta device, so it runs beside the version check below, and is waited for before any block is timed.
+FLUX2_PROBE='import torch
+from benchmarks.step_time import MODELS, build_ours, diffusers_twin, model_params
+name = "flux2-klein-4b"
+assert name in MODELS, f"{name} is not in benchmarks.step_time.MODELS"
+ours = build_ours(model_params(name, tiny=True), torch.device("meta"), torch.bfloat16)
+twin = diffusers_twin(ours)
+assert type(twin).__name__ == "Flux2Transformer2DModel", type(twin).__name__
+print(f"{name}: ok")'
+FLUX2_OUT=$(mktemp) FLUX2_PID="" FLUX2_WHY=""
+# on exit, a probe still running goes with its process group (timeout leads one), and its output file
+trap '[[ -n "$FLUX2_PID" ]] && { kill -- -"$FLUX2_PID" || kill "$FLUX2_PID"; } 2>/dev/null; rm -f "$FLUX2_OUT"' EXIT
+if [[ " $BLOCKS " == *" flux2-klein "* ]]; then
+    timeout --kill-after=5 120 "$PYTHON" -c "$FLUX2_PROBE" >"$FLUX2_OUT" 2>&1 &
+    FLUX2_PID=$!
+fi
+flux2_known() {  # the probe's answer: true on its "ok" line, else FLUX2_WHY is its last line
+    FLUX2_WHY=$(tail -n 1 "$FLUX2_OUT")
+    [[ "$FLUX2_WHY" == "flux2-klein-4b: ok" ]]
+}
 VERSIONS=$("$PYTHON" -c 'import sys, torch, diffusers
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel  # what the blocks use, imported up front
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
@@ -77,7 +103,7 @@ print(f"Python {sys.version.split()[0]}, torch {torch.__version__} ({cuda}),",
 
 if [[ "$TINY" == 1 ]]; then
     COMMON=(--tiny --device cpu)
-    WARMUP=1 STEPS=2
+    WARMUP=1 STEPS=1
     BACKEND=(--compile-backend eager)
     PIPELINE_STEPS=1
     for b in $ALL_BLOCKS; do EST[$b]=10; done  # the budget logic runs as on the GPU, with CPU-sized estimates
@@ -88,6 +114,11 @@ else
     WARMUP=2 STEPS=20
     BACKEND=()
     PIPELINE_STEPS=4
+fi
+if [[ -n "$FLUX2_PID" ]]; then wait "$FLUX2_PID"; FLUX2_PID=""; fi  # nothing runs beside a timed block
+if [[ -n "${EST_S:-}" ]]; then
+    [[ "$EST_S" =~ ^[0-9]+$ ]] || { echo "gpu_suite: EST_S must be whole seconds, got '$EST_S'"; exit 2; }
+    for b in $ALL_BLOCKS; do EST[$b]=$EST_S; done
 fi
 [[ -f "$RESULTS_MD" ]] || cp benchmarks/RESULTS.md "$RESULTS_MD"
 OUTS=(--out "$RESULTS_MD" --append "$RESULTS")
@@ -135,10 +166,6 @@ block() {  # block NAME COMMAND...: run it if its estimate fits in what is left 
 
 ST=("$PYTHON" -m benchmarks.step_time "${COMMON[@]}" "${OUTS[@]}")
 
-flux2_known() {  # whether benchmarks/step_time.py knows FLUX.2 [klein] 4B yet (mmdit.flux2 and its rows)
-    [[ -f mmdit/flux2.py ]] &&
-        "$PYTHON" -c 'from benchmarks.step_time import model_params; model_params("flux2-klein-4b", True)' 2>/dev/null
-}
 
 for name in $BLOCKS; do
     case $name in
@@ -154,12 +181,13 @@ for name in $BLOCKS; do
         pipeline-memory)
             block "$name" "$PYTHON" -m benchmarks.memory_cost --measure "${COMMON[@]}" "${OUTS[@]}" \
                 --offload none encoders stream-encoders --pipeline-steps "$PIPELINE_STEPS" ;;
-        flux2-klein)  # FLUX.2 [klein] 4B: the lead's rows, once benchmarks/step_time.py has them
+        flux2-klein)  # FLUX.2 [klein] 4B, once the probe says the Diffusers in use builds its twin
             if flux2_known; then
                 block "$name" "${ST[@]}" --models flux2-klein-4b --warmup "$WARMUP" --steps "$STEPS" --no-graph-breaks
             else
-                why="benchmarks/step_time.py does not know flux2-klein-4b yet (mmdit.flux2 and its rows: see MODELS there)"
-                note "### Not run: $name" "" "$why." ""
+                note "### Failed: $name" "" \
+                     "Not run: the FLUX.2 probe (FLUX2_PROBE) ended with: ${FLUX2_WHY:-nothing printed}" ""
+                FAILED+=("$name")
             fi ;;
         *)
             note "### Unknown block: $name" "" "Known: $ALL_BLOCKS" ""

@@ -1,6 +1,6 @@
 """Step time, TACA overhead and memory of our MM-DiT transformers, side by side with Diffusers' (issue 7).
 
-    python -m benchmarks.step_time --models flux-dev sd3.5-large sd3.5-medium --compile
+    python -m benchmarks.step_time --models flux-dev sd3.5-large sd3.5-medium flux2-klein-4b --compile
     python -m benchmarks.step_time --models flux-dev --modes compiled --compile-blocks    # compiled rows only
     python -m benchmarks.step_time --models sd3.5-large --batch 2    # a CFG step (conditional + unconditional)
     python -m benchmarks.step_time --tiny --device cpu    # reduced sizes: a smoke run of the harness
@@ -9,15 +9,17 @@
     python -m benchmarks.step_time --models flux-dev --profile    # and the top kernels of one eager step
     bash benchmarks/gpu_suite.sh /tmp/gpu_suite/gpu_suite.md    # every GPU block of issue 17 (see that script)
 
-Per model (random weights, 1024x1024: 128x128 latents = 4096 image tokens; 512 text tokens for FLUX,
-333 for SD3), ours is built straight on the device in the benchmark dtype (bf16 on a GPU: the 12B
-model is never allocated in fp32). Diffusers' `FluxTransformer2DModel` / `SD3Transformer2DModel` is
-built on the meta device and gets the same tensors with `load_state_dict(assign=True)` after the
-key conversion (FLUX: benchmarks/diffusers_flux.py, Diffusers' rules for any size; SD3: Diffusers' own
-single-file converter), so both models are resident with one copy of the weights (Diffusers' own copies: the swapped
-adaLNs, and for SD3 the q, k, v projections, which its converter copies). Before timing, each variant's
+Per model (random weights, 1024x1024: 128x128 latents = 4096 image tokens; 512 text tokens for FLUX.1 and
+FLUX.2 [klein] (its Qwen3 prompt is padded to 512), 333 for SD3), ours is built straight on the device in
+the benchmark dtype (bf16 on a GPU: the 12B model is never allocated in fp32). Diffusers'
+`FluxTransformer2DModel` / `SD3Transformer2DModel` / `Flux2Transformer2DModel` is built on the meta device
+and gets the same tensors with `load_state_dict(assign=True)` after the key conversion (FLUX:
+benchmarks/diffusers_flux.py, Diffusers' rules for any size; SD3 and FLUX.2: Diffusers' own single-file
+converters), so both models are resident with one copy of the weights (Diffusers' own copies: the swapped
+final adaLNs, and for SD3 the q, k, v projections, which its converter copies). Before timing, each variant's
 output is compared with Diffusers' eager output on the same input (the `rel err` column: ~1e-7 in fp32;
 in bf16 FLUX differs more, as Diffusers (like BFL) rounds 1000 t and 1000 guidance to bf16 where we keep fp32).
+FLUX.2 [klein] 4B (`flux2-klein-4b`): 32-channel latents patchified 2x2 to 128, no pooled vector, no guidance.
 
 Variants: ours plain and with TACA (`temperature=1.2`, the split-SDPA path of mmdit/attention.py);
 Diffusers plain; in eager mode also Diffusers with TACA the paper's unfused way (explicit logits,
@@ -88,6 +90,10 @@ from mmdit.autoencoder import preset as ae_preset
 from mmdit.clip import CLIP_PRESETS, CLIPConfig, CLIPTextEncoder
 from mmdit.flux import PRESETS as FLUX_PRESETS
 from mmdit.flux import image_ids
+from mmdit.flux2 import PRESETS as FLUX2_PRESETS
+from mmdit.flux2 import image_ids as flux2_image_ids
+from mmdit.flux2 import patchify as flux2_patchify
+from mmdit.flux2 import text_ids as flux2_text_ids
 from mmdit.sd3 import PRESETS as SD3_PRESETS
 from mmdit.t5 import T5_PRESETS, T5Config, T5Encoder
 from sampling.offload import EVERY_PART, blocks_of
@@ -101,15 +107,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SECTION = "## Step time (GPU)"
 PIPELINE = "FLUX.1-dev pipeline"
-MODELS = ("flux-dev", "sd3.5-large", "sd3.5-medium")
-# FLUX.2 [klein] 4B (issue 17, its rows added once mmdit.flux2 lands): add "flux2-klein-4b" to MODELS, its
-# preset to `model_params`, its text length to TEXT_TOKENS / TINY_TEXT_TOKENS, its latent channels to
-# `make_inputs`, and a "flux2" branch (Diffusers' Flux2Transformer2DModel) to `diffusers_twin` and
-# `diffusers_step`; benchmarks/gpu_suite.sh's `flux2-klein` block then runs it.
+MODELS = ("flux-dev", "sd3.5-large", "sd3.5-medium", "flux2-klein-4b")
 GAMMA = 1.2  # TACA's temperature in the timed runs (the paper's FLUX value)
-TEXT_TOKENS = {"flux": 512, "sd3": 333}  # 1024x1024 prompts: T5 512 (FLUX-dev); 77 CLIP + 256 T5 (SD3)
+# 1024x1024 prompts: T5 512 (FLUX-dev); 77 CLIP + 256 T5 (SD3); Qwen3 padded to 512 (FLUX.2 [klein], Diffusers'
+# Flux2KleinPipeline max_sequence_length)
+TEXT_TOKENS = {"flux": 512, "sd3": 333, "flux2": 512}
 LATENT = 128  # 1024 px / 8
-TINY_TEXT_TOKENS = {"flux": 16, "sd3": 11}
+TINY_TEXT_TOKENS = {"flux": 16, "sd3": 11, "flux2": 16}
 TINY_LATENT = 16
 GOALS = ("eager step <= 0.95x Diffusers'; compiled FLUX-dev step <= 0.13 s (H100); TACA step <= 1.02x plain; "
          "FLUX pipeline peak <= 26 GB")
@@ -120,7 +124,7 @@ GOALS = ("eager step <= 0.95x Diffusers'; compiled FLUX-dev step <= 0.13 s (H100
 
 def model_params(name: str, tiny: bool):
     """The full-size preset, or (tiny) its `tiny()` layout: the same input widths at two blocks of each kind."""
-    presets = {**FLUX_PRESETS, **SD3_PRESETS}
+    presets = {**FLUX_PRESETS, **SD3_PRESETS, **FLUX2_PRESETS}
     if name not in presets:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(presets)}")
     return presets[name].tiny() if tiny else presets[name]
@@ -157,6 +161,19 @@ def diffusers_twin(ours: nn.Module) -> nn.Module:
     with torch.device("meta"):
         if p.family == "flux":
             ref, sd = diffusers_flux(p), flux_bfl_to_diffusers(sd, p)
+        elif p.family == "flux2":
+            from diffusers import Flux2Transformer2DModel
+            from diffusers.loaders.single_file_utils import (
+                convert_flux2_transformer_checkpoint_to_diffusers,
+            )
+
+            ref = Flux2Transformer2DModel(
+                in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
+                attention_head_dim=p.head_dim, num_attention_heads=p.num_heads,
+                joint_attention_dim=p.context_in_dim, mlp_ratio=p.mlp_ratio, axes_dims_rope=p.axes_dim,
+                rope_theta=p.theta, guidance_embeds=p.guidance_embed,
+            )
+            sd = convert_flux2_transformer_checkpoint_to_diffusers(dict(sd))  # it pops keys: give it a copy
         else:
             from diffusers import SD3Transformer2DModel
             from diffusers.loaders.single_file_utils import (
@@ -183,30 +200,33 @@ def input_sizes(params, args: argparse.Namespace) -> tuple[int, int, str]:
 
 @dataclass
 class Inputs:
-    x: Tensor  # (B, 16, h, w) latents
+    x: Tensor  # (B, 16, h, w) latents; FLUX.2: (B, 32, h, w)
     t: Tensor  # (B,) in [0, 1]
-    context: Tensor  # (B, L_txt, 4096)
-    pooled: Tensor  # (B, 768 | 2048)
+    context: Tensor  # (B, L_txt, 4096); FLUX.2 [klein] 4B: (B, L_txt, 7680), three stacked Qwen3 layers
+    pooled: Tensor | None  # (B, 768 | 2048); None for FLUX.2
     guidance: Tensor | None  # (B,) FLUX-dev only
 
 
 def make_inputs(
     params, latent: int, n_txt: int, device: torch.device, dtype: torch.dtype, batch: int = 1, seed: int = 1
 ) -> Inputs:
+    """Random inputs of one step: `latent` x `latent` latents, `n_txt` text tokens (see `Inputs` for the shapes)."""
     g = torch.Generator(device).manual_seed(seed)
-    flux = params.family == "flux"
-    c = 16  # latent channels of both families (FLUX packs 2x2 of them into in_channels = 64)
+    fam = params.family
+    # latent channels: 16 for FLUX.1 (packed 2x2 into in_channels = 64) and SD3; 32 for FLUX.2 (2x2 -> 128)
+    c = params.in_channels // 4 if fam == "flux2" else 16
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, device=device).to(dtype)
 
-    return Inputs(
-        x=randn(batch, c, latent, latent),
-        t=torch.rand(batch, generator=g, device=device),
-        context=randn(batch, n_txt, params.context_in_dim),
-        pooled=randn(batch, params.vec_in_dim if flux else params.adm_in_channels),
-        guidance=torch.full((batch,), 3.5, device=device) if flux and params.guidance_embed else None,
-    )
+    x = randn(batch, c, latent, latent)
+    t = torch.rand(batch, generator=g, device=device)
+    context = randn(batch, n_txt, params.context_in_dim)
+    pooled = None if fam == "flux2" else randn(batch, params.vec_in_dim if fam == "flux" else params.adm_in_channels)
+    # distilled guidance (FLUX.1-dev 3.5, FLUX.2 [dev] 4.0: the pipelines' defaults); [klein] has none
+    scale = {"flux": 3.5, "flux2": 4.0}.get(fam)
+    guidance = torch.full((batch,), scale, device=device) if scale and params.guidance_embed else None
+    return Inputs(x, t, context, pooled, guidance)
 
 
 Step = Callable[[], Tensor]
@@ -217,12 +237,14 @@ def ours_step(model: nn.Module, inp: Inputs, temperature=None) -> Step:
 
 
 def diffusers_step(ref: nn.Module, params, inp: Inputs) -> Step:
-    """One call of Diffusers' transformer on the same inputs; returns the velocity in our layout (B, 16, h, w)."""
+    """One call of Diffusers' transformer on the same inputs; returns the velocity in our layout (B, C, h, w)."""
     if params.family == "sd3":
         return lambda: ref(
             hidden_states=inp.x, encoder_hidden_states=inp.context, pooled_projections=inp.pooled,
             timestep=inp.t * 1000, return_dict=False,
         )[0]
+    if params.family == "flux2":
+        return flux2_diffusers_step(ref, inp)
     h, w = inp.x.shape[-2] // 2, inp.x.shape[-1] // 2
     # the packing and the position ids are what Diffusers' pipeline prepares once, outside its transformer
     packed = rearrange(inp.x, "B C (h ph) (w pw) -> B (h w) (C ph pw)", ph=2, pw=2)
@@ -232,6 +254,25 @@ def diffusers_step(ref: nn.Module, params, inp: Inputs) -> Step:
         out = ref(
             hidden_states=packed, encoder_hidden_states=inp.context, pooled_projections=inp.pooled, timestep=inp.t,
             img_ids=img_ids, txt_ids=txt_ids, guidance=inp.guidance, return_dict=False,
+        )[0]
+        return rearrange(out, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=h, ph=2, pw=2)
+
+    return step
+
+
+def flux2_diffusers_step(ref: nn.Module, inp: Inputs) -> Step:
+    """Diffusers' `Flux2Transformer2DModel` on the tokens and position ids its pipeline prepares once, outside
+    the transformer (`_patchify_latents` + `_pack_latents`, `_prepare_latent_ids`, `_prepare_text_ids`; ours
+    equal them: tests/test_flux2.py); it takes t in [0, 1] and multiplies by 1000 inside."""
+    h, w = inp.x.shape[-2] // 2, inp.x.shape[-1] // 2
+    packed = flux2_patchify(inp.x)  # (B, h*w, 128)
+    img_ids = flux2_image_ids(h, w, device=inp.x.device)  # (h*w, 4): (0, row, col, 0)
+    txt_ids = flux2_text_ids(inp.context.shape[1], inp.x.device)  # (L_txt, 4): (0, 0, 0, l)
+
+    def step() -> Tensor:
+        out = ref(
+            hidden_states=packed, encoder_hidden_states=inp.context, timestep=inp.t, img_ids=img_ids,
+            txt_ids=txt_ids, guidance=inp.guidance, return_dict=False,
         )[0]
         return rearrange(out, "B (h w) (C ph pw) -> B C (h ph) (w pw)", h=h, ph=2, pw=2)
 
@@ -434,7 +475,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device, dtype
     variants = {
         ("diffusers", "-"): (ref, lambda m: diffusers_step(m, params, inp)),
         ("diffusers", explicit): (ref, lambda m: explicit_taca_step(
-            diffusers_step(m, params, inp), GAMMA, n_txt, n_img, text_first=fam == "flux")),
+            diffusers_step(m, params, inp), GAMMA, n_txt, n_img, text_first=fam != "sd3")),
         ("ours", "-"): (ours, lambda m: ours_step(m, inp)),
         ("ours", taca): (ours, lambda m: ours_step(m, inp, GAMMA)),
     }

@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import zipfile
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ LOADING = "## Loading (CPU)\n\nthe other helper's table\n"
 def test_tiny_harness_on_cpu(tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text(f"# Benchmark results\n\n{LOADING}")
-    argv = ["--tiny", "--device", "cpu", "--warmup", "2", "--steps", "2", "--no-graph-breaks",
+    argv = ["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--no-graph-breaks",
             "--pipeline", "--pipeline-steps", "2", "--pipeline-images", "1", "--out", str(out)]
     sdpa = F.scaled_dot_product_attention
     report = st.main(argv)
@@ -83,6 +84,7 @@ def test_write_section_replaces_only_its_own_blocks(tmp_path):
 # q, k, v projections, which Diffusers' single-file converter copies (`torch.cat([q])`)
 OWN_COPIES = {
     "flux-dev": r"norm_out\.linear\..*",
+    "flux2-klein-4b": r"norm_out\.linear\..*",
     "sd3.5-medium": r"norm_out\.linear\..*|.*norm1_context.*|.*\.(to_[qkv]|add_[qkv]_proj)\..*",
 }
 
@@ -105,13 +107,18 @@ def test_models_compile_without_graph_breaks(name):
 
 
 def test_graph_break_counter_sees_a_break(monkeypatch):
-    rope_cos_sin = mmdit.flux.rope_cos_sin
+    rope_cos_sin, model_params = mmdit.flux.rope_cos_sin, st.model_params
 
     def breaking(*args):
         torch._dynamo.graph_break()
         return rope_cos_sin(*args)
 
     monkeypatch.setattr(mmdit.flux, "rope_cos_sin", breaking)
+    # the counter, not the model, is under test: one block of each kind traces in half the time
+    def one_block_each(*args, **kwargs):
+        return replace(model_params(*args, **kwargs), depth=1, depth_single_blocks=1)
+
+    monkeypatch.setattr(st, "model_params", one_block_each)
     breaks = st.graph_breaks("flux-dev", CPU, torch.float32, kinds=["plain"])
     assert len(breaks["plain"]) == 1 and "graph_break" in breaks["plain"][0]
 
@@ -151,11 +158,11 @@ def test_unknown_model_is_named():
         st.parse_args(["--models", "flux-pro"])
 
 
-@pytest.mark.parametrize("blocks", [False, True])
-def test_compiled_rows_equal_diffusers(blocks):
-    """The compiled rows, whole model or block by block (the eager backend: the plumbing, not the codegen)."""
+def test_compiled_rows_equal_diffusers():
+    """The compiled rows, whole model (the eager backend: the plumbing, not the codegen); block by block
+    (--compile-blocks): test_gpu_suite_tiny's flux-compiled block, with the same checks."""
     argv = ["--tiny", "--device", "cpu", "--models", "flux-dev", "--warmup", "1", "--steps", "1", "--no-graph-breaks",
-            "--compile", "--compile-backend", "eager", "--out", "-", *(["--compile-blocks"] if blocks else [])]
+            "--compile", "--compile-backend", "eager", "--out", "-"]
     (res,) = st.main(argv).models
     compiled = [r for r in res.rows if r.mode == "compiled"]
     assert {(r.impl, r.taca) for r in compiled} == {("ours", "-"), ("ours", "1.2"), ("diffusers", "-")}
@@ -176,7 +183,7 @@ def test_compile_blocks_compiles_every_repeated_block_in_place():
 SUITE = st.ROOT / "benchmarks" / "gpu_suite.sh"
 SUITE_TITLES = ["flux-dev", "flux-dev: one eager step, top kernels (torch.profiler)", "flux-dev (compiled, blocks)",
                 "sd3.5-large", "sd3.5-medium", "FLUX.1-dev pipeline memory (computed, meta device)",
-                "FLUX.1-dev pipeline memory (measured)"]
+                "FLUX.1-dev pipeline memory (measured)", "flux2-klein-4b"]
 
 
 def probe_wheel(folder) -> str:
@@ -219,17 +226,20 @@ def test_gpu_suite_tiny(tmp_path):
     if real_diffusers:
         assert f"diffusers 0.42.1 from {tmp_path / 'site'}" in results
     assert "failed none" in results and "skipped none" in results
-    assert "### Not run: flux2-klein" in results or "### flux2-klein-4b" in results
 
     blocks = {b.split("\n", 1)[0]: b for b in results.split("### ")[1:]}
     assert [t for t in blocks if t in SUITE_TITLES] == SUITE_TITLES  # all there, most important first
-    for title in ["flux-dev", "flux-dev (compiled, blocks)", "sd3.5-large", "sd3.5-medium"]:
+    for title in ["flux-dev", "flux-dev (compiled, blocks)", "sd3.5-large", "sd3.5-medium", "flux2-klein-4b"]:
         name = title.split()[0]
         rows = table_rows(blocks[title], name)
         ours = [r for r in rows if r[1] == "ours"]
         assert len(rows) == (3 if "compiled" in title else 4) and len(ours) == 2
         assert all(float(r[-1]) <= 1e-4 for r in ours), rows  # ours equals Diffusers (float32)
         assert ("batch 2 (one CFG step" in blocks[title]) == name.startswith("sd3")
+    compiled = table_rows(blocks["flux-dev (compiled, blocks)"], "flux-dev")
+    assert {(r[1], r[2], r[3]) for r in compiled} == {("ours", "compiled", "-"), ("ours", "compiled", "1.2"),
+                                                      ("diffusers", "compiled", "-")}
+    assert all(float(r[-1]) <= 1e-4 for r in compiled), compiled  # Diffusers compiled equals Diffusers eager too
     frames = blocks["flux-dev (compiled, blocks)"].split("- Compiled by dynamo")[1].split("\n")[0]
     assert frames.count("mmdit/flux.py") == 4  # one compile per block class and TACA variant, not per block
     profile = blocks[SUITE_TITLES[1]]
@@ -255,14 +265,16 @@ if [[ "$1" == -m && "$2" == benchmarks.* ]]; then
     [[ "$2" == "${STUB_SLEEP:-}" ]] && sleep 60
 elif [[ "$1" == -c && "$2" == *diffusers.__version__* ]]; then
     echo "Python 3.12.3, torch 2.11.0+cu130 (${STUB_GPU:-NVIDIA H200}), diffusers 0.42.1 from /tmp/site/diffusers"
+elif [[ "$1" == -c && -z "${STUB_PROBES:-}" ]]; then
+    exec REAL_PYTHON "$@"  # the suite's other probes (FLUX2_PROBE) run for real
 fi
-exit 0
+exit 0  # STUB_PROBES=yes: says yes to every probe, printing nothing
 """
 
 
 def stub_python(tmp_path) -> str:
     stub = tmp_path / "python3"
-    stub.write_text(STUB_PYTHON)
+    stub.write_text(STUB_PYTHON.replace("REAL_PYTHON", shlex.quote(sys.executable)))
     stub.chmod(0o755)
     return str(stub)
 
@@ -277,19 +289,22 @@ def test_gpu_suite_full_size_command_lines(tmp_path):
     results = (tmp_path / "run" / "gpu_suite.md").read_text()
     assert "- Python 3.12.3, torch 2.11.0+cu130 (NVIDIA H200), diffusers 0.42.1" in results and "full sizes" in results
     assert "### Failed: pipeline-memory\n\nexit status 3" in results and "stub: failing on purpose" in results
-    assert "done flux-eager flux-compiled sd3; skipped none; failed pipeline-memory" in results
+    assert "done flux-eager flux-compiled sd3 flux2-klein; skipped none; failed pipeline-memory" in results
 
     run = tmp_path / "run"
     lines = [shlex.split(line) for line in calls.read_text().splitlines()]
-    assert [line[0] for line in lines] == ["benchmarks.step_time"] * 3 + ["benchmarks.memory_cost"]
-    eager, compiled, sd3 = (st.parse_args(line[1:]) for line in lines[:3])
-    for args in (eager, compiled, sd3):
+    st_call, mc_call = "benchmarks.step_time", "benchmarks.memory_cost"
+    assert [line[0] for line in lines] == [st_call, st_call, st_call, mc_call, st_call]
+    eager, compiled, sd3, flux2 = (st.parse_args(line[1:]) for line in [*lines[:3], lines[4]])
+    for args in (eager, compiled, sd3, flux2):
         assert not args.tiny and args.dtype is None and args.steps == 20 and not args.graph_breaks
         assert (args.out, args.append) == (run / "RESULTS.md", run / "gpu_suite.md")
     assert (eager.models, st.timed_modes(eager), eager.batch, eager.profile) == (["flux-dev"], ["eager"], 1, True)
     assert (compiled.models, st.timed_modes(compiled), compiled.compile_blocks) == (["flux-dev"], ["compiled"], True)
     assert compiled.compile_backend == "inductor" and compiled.compile_mode is None and compiled.warmup >= 1
     assert (sd3.models, st.timed_modes(sd3), sd3.batch) == (["sd3.5-large", "sd3.5-medium"], ["eager"], 2)
+    assert (flux2.models, st.timed_modes(flux2), flux2.batch) == (["flux2-klein-4b"], ["eager"], 1)
+    assert not flux2.profile and not flux2.compile
     memory = mc.parse_args(lines[3][1:])
     assert memory.measure and not memory.tiny and memory.offload == ["none", "encoders", "stream-encoders"]
     assert (memory.out, memory.append) == (run / "RESULTS.md", run / "gpu_suite.md")
@@ -298,7 +313,7 @@ def test_gpu_suite_full_size_command_lines(tmp_path):
 def test_gpu_suite_stops_a_block_at_the_end_of_the_budget(tmp_path):
     """A block still running when the budget runs out is stopped (`timeout`) and recorded as such."""
     done = run_suite(tmp_path, "--tiny", PYTHON=stub_python(tmp_path), STUB_CALLS=str(tmp_path / "calls"),
-                     STUB_SLEEP="benchmarks.step_time", BUDGET_S="14", BLOCKS="flux-eager",
+                     STUB_SLEEP="benchmarks.step_time", BUDGET_S="4", EST_S="1", BLOCKS="flux-eager",
                      WHEELS=str(tmp_path / "none"))
     assert done.returncode == 1
     results = (tmp_path / "run" / "gpu_suite.md").read_text()
@@ -313,6 +328,18 @@ def test_gpu_suite_skips_what_does_not_fit(tmp_path):
     results = (tmp_path / "run" / "gpu_suite.md").read_text()
     assert "### Skipped: flux-eager\n\nNot run: estimated 10 s" in results and "### Unknown block: bogus" in results
     assert "done none; skipped flux-eager; failed bogus" in results and not (tmp_path / "calls").exists()
+
+
+def test_gpu_suite_flux2_block_needs_the_real_probe(tmp_path):
+    """The flux2-klein block runs on what its probe prints (Diffusers builds the twin), not on an exit status:
+    a python that says yes to everything gets the block recorded as failed, and no benchmark is started."""
+    done = run_suite(tmp_path, "--tiny", PYTHON=stub_python(tmp_path), STUB_CALLS=str(tmp_path / "calls"),
+                     STUB_PROBES="yes", BLOCKS="flux2-klein", WHEELS=str(tmp_path / "none"))
+    assert done.returncode == 1
+    results = (tmp_path / "run" / "gpu_suite.md").read_text()
+    why = "Not run: the FLUX.2 probe (FLUX2_PROBE) ended with: nothing printed"
+    assert f"### Failed: flux2-klein\n\n{why}" in results
+    assert "done none; skipped none; failed flux2-klein" in results and not (tmp_path / "calls").exists()
 
 
 def test_gpu_suite_needs_a_gpu_at_full_size(tmp_path):
