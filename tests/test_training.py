@@ -338,6 +338,17 @@ def test_manifest_and_config(tmp_path):
     toml.write_text('model = "m"\nsteps_total = 3\n')
     with pytest.raises(ValueError, match="unknown setting.*steps_total"):
         make_config(toml)
+    bad = {'steps = "two"': "steps = 'two': expected int", 'lr = "x"': "lr = 'x': expected float",
+           "batch-size = 1.5": "batch-size = 1.5: expected int", 'fsdp = "yes"': "fsdp = 'yes': expected bool",
+           "model = 5": "model = 5: expected str", "steps = true": "steps = True: expected int",
+           "targets = [1]": r"targets = \[1\]: expected list\[str\]", "steps = [": "not valid TOML"}
+    for text, message in bad.items():  # one line naming the file and the value, before the flags are merged
+        toml.write_text(text + "\n")
+        with pytest.raises(ValueError, match=f"^{toml}: {message}"):
+            make_config(toml, model="m")
+    toml.write_text('lr = 1\ntargets = "attn,mlp"\n')  # an integer is a float; a comma-separated string
+    assert (make_config(toml, model="m", data="d", output="o").lr, make_config(toml, model="m", data="d",
+            output="o").targets) == (1, ["attn", "mlp"])
     with pytest.raises(ValueError, match="no data, output"):
         make_config(None, model="m")
     with pytest.raises(ValueError, match="timesteps must be one of"):

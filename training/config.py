@@ -121,15 +121,29 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
+# the TOML value types each field's annotation accepts (an int is a float too; a bool is neither)
+TOML_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list[str]": (list, str)}
+
+
 def read_toml(path: str | Path) -> dict:
-    """The fields a TOML file sets; unknown keys are an error naming them."""
+    """The fields a TOML file sets. ValueError naming the file: invalid TOML, unknown keys, a value of the
+    wrong type (`steps = "two"`, `lr = "x"`, `fsdp = "yes"`)."""
     with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    known = {f.name for f in fields(TrainConfig)}
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+    kinds = {f.name: f.type.removesuffix(" | None") for f in fields(TrainConfig)}
     values = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(kinds))
     if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(kinds))}")
+    for name, value in values.items():
+        ok = isinstance(value, TOML_TYPES[kinds[name]]) and (kinds[name] == "bool" or not isinstance(value, bool))
+        if kinds[name] == "list[str]" and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise ValueError(f"{path}: {name.replace('_', '-')} = {value!r}: expected {kinds[name]}")
     return values
 
 
