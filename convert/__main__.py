@@ -39,7 +39,7 @@ def main(argv=None) -> int:
             random_checkpoint(args.preset, args.path, getattr(torch, args.dtype), args.tiny, args.seed)
             print(f"wrote {args.path} (random weights, {args.preset} layout{', tiny' if args.tiny else ''})")
     except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"python -m convert {args.cmd}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -42,6 +42,8 @@ def describe(path) -> str:
     if path.is_dir() and any((path / f).is_dir() for f in PART_FOLDERS):
         parts = [_part(path / f) for f in PART_FOLDERS if (path / f).is_dir()]
         return f"{path}: a Diffusers folder\n\n" + "\n\n".join(parts)
+    if path.is_dir() and (path / "config.json").is_file():  # a part folder, weights or not
+        return _part(path)
     return describe_one(path)
 
 

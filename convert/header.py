@@ -33,6 +33,7 @@ DTYPES = {
 }
 MAX_HEADER = 100 << 20  # the library's limit (100 MB)
 GGUF_MAGIC = b"GGUF"  # ggml `docs/gguf.md`: a GGUF file starts with these 4 bytes
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")  # torch.save files: a zip (PK..) or a pickle (0x80, protocol >= 2)
 
 
 class _Duplicate(Exception):
@@ -67,9 +68,11 @@ def read_header(path: str | os.PathLike) -> dict:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n <= 0 or n > min(size - 8, MAX_HEADER):
+            pickled = head[:1] == b"\x80" or head[:4] == b"PK\x03\x04" or path.suffix in PICKLE_SUFFIXES
             raise CheckpointError(
-                f"{path}: not a safetensors file (pickled .ckpt/.pt/.bin files are not read: "
-                "convert them to safetensors first)"
+                f"{path}: not a safetensors file "
+                + ("(pickled .ckpt/.pt/.bin files are not read: convert them to safetensors first)" if pickled
+                   else "(no safetensors header: a weights file this project loads is .safetensors)")
             )
         raw = f.read(n)
     try:

@@ -3,6 +3,7 @@ written here), and refuses anything else by name."""
 
 import json
 import re
+from pathlib import Path
 
 import torch
 from builders import TINY_FLUX, flux_state
@@ -87,3 +88,16 @@ def test_lora_and_quantized_files(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "llm.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "llm.safetensors: not a file this project loads" in err and "model.layers.0.mlp.weight" in err
+
+
+def test_the_shipped_tiny_model_folders(capsys):
+    """Each folder of assets/tiny-flux that `inspect` names inside the pipeline folder is described alone too;
+    a JSON file is refused as not safetensors, not as a pickle, in one line that names the command."""
+    root = Path(__file__).resolve().parents[1] / "assets" / "tiny-flux"
+    whole = inspect(root, capsys)
+    assert f"{root / 'vae'}: no weights (PixelCodec)" in whole
+    assert inspect(root / "vae", capsys).strip() == f"{root / 'vae'}: no weights (PixelCodec)"
+    assert field(inspect(root / "transformer", capsys), "family", "flux")
+    assert main(["inspect", str(root / "model_index.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m convert inspect: ") and "no safetensors header" in err and "pickled" not in err

@@ -61,8 +61,14 @@ def test_refuses_what_is_not_safetensors(tmp_path):
     import pickle
 
     (tmp_path / "p.ckpt").write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(CheckpointError, match="not a safetensors file"):
+    with pytest.raises(CheckpointError, match="not a safetensors file .pickled"):
         read_header(tmp_path / "p.ckpt")
+    (tmp_path / "weights").write_bytes(pickle.dumps({"a": 1}))  # known by its first byte, whatever its name
+    with pytest.raises(CheckpointError, match="not a safetensors file .pickled"):
+        read_header(tmp_path / "weights")
+    (tmp_path / "config.json").write_text('{"_class_name": "FluxTransformer2DModel", "num_layers": 19}')
+    with pytest.raises(CheckpointError, match=r"config.json: not a safetensors file \(no safetensors header"):
+        read_header(tmp_path / "config.json")  # not told to convert a pickle it is not
     (tmp_path / "j.safetensors").write_bytes(len(b"[1]").to_bytes(8, "little") + b"[1]")
     with pytest.raises(CheckpointError, match="not a JSON object"):
         read_header(tmp_path / "j.safetensors")
