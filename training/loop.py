@@ -345,7 +345,9 @@ def train(
                         "train.config": settings}
                 with writing(out / "lora.safetensors"):
                     convert.save_lora(model, out / "lora.safetensors", ADAPTER, meta)
-                log.info("wrote %s: mmdit sample --model %s --lora %s", out / "lora.safetensors", cfg.model,
+                taca = f" --taca {cfg.taca_gamma:g} --taca-until {cfg.t_min:g}" if cfg.taca_gamma != 1 else ""
+                log.info("wrote %s: mmdit sample \"PROMPT\" --model %s%s --lora %s (with --taca the LoRA is on in "
+                         "the TACA steps only, as trained)", out / "lora.safetensors", cfg.model, taca,
                          out / "lora.safetensors")
     dist.barrier()
     model.eval()
