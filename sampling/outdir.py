@@ -69,6 +69,9 @@ def check_names(layout: str, items: list[Item], source: Path) -> None:
         return
     for item in items:
         where = f"{source} line {item.line}"
+        if not item.prompt.strip():
+            raise ValueError(f"{where}: --layout t2i-compbench names each image after its prompt, and this "
+                             "prompt is empty")
         bad = next((c for c in ("_", "/", "\0") if c in item.prompt), None)
         if bad is not None:
             raise ValueError(f"{where}: --layout t2i-compbench names each image after its prompt, and the benchmark's "
@@ -197,9 +200,11 @@ def scan(outdir: Path, records: list[dict]) -> list[bool]:
     for i, old in sorted(found.items()):
         key = first_difference(old, records[i])
         if key is not None:
+            renumbered = " (images are numbered prompt-major: other --seeds or another prompt file renumber them)"
             raise ValueError(f"{outdir}: image {i} was made with {key}={old.get(key)!r}, this run gives it "
-                             f"{key}={records[i].get(key)!r}: a folder holds one run's settings; give another "
-                             "--outdir, or the same settings to resume")
+                             f"{key}={records[i].get(key)!r}"
+                             f"{renumbered if key in ('prompt', 'seed', 'negative') else ''}: a folder holds one "
+                             "run's settings; give another --outdir, or the same settings to resume")
     if records and records[0]["file"].startswith(f"{SAMPLES}/") and (outdir / SAMPLES).is_dir():
         names = {Path(r["file"]).name for r in records}
         foreign = sorted(e.name for e in os.scandir(outdir / SAMPLES)

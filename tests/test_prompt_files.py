@@ -264,8 +264,21 @@ def test_a_folder_of_another_run_is_refused(tmp_path, one_thread, capsys):
     capsys.readouterr()
     assert main(["sample", "--prompts", str(source), "--outdir", str(out), *QUICK[:1], "3", *QUICK[2:]]) == 2
     assert "image 0 was made with steps='2', this run gives it steps='3'" in capsys.readouterr().err
+    assert main(["sample", "--prompts", str(source), "--outdir", str(out), "--seeds", "1", *QUICK]) == 2
+    err = capsys.readouterr().err  # the seed that moved is named, with why it moved
+    assert "image 0 was made with seed=0, this run gives it seed=1 (images are numbered prompt-major" in err
     assert pngs(out) == before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "photo.jpg").write_text("")
     assert main(["sample", "--prompts", str(source), "--outdir", str(tmp_path / "other"), *QUICK]) == 2
     assert "not a folder of `mmdit sample --prompts`" in capsys.readouterr().err
+
+
+def test_t2i_compbench_refuses_an_empty_prompt(tmp_path, never_loads, capsys):
+    """The benchmark reads the prompt back from the file name: an empty one cannot be named."""
+    source = prompt_file(tmp_path, ['{"prompt": "a red cube"}', '{"prompt": " "}'], "empty.jsonl")
+    argv = ["sample", "--prompts", str(source), "--outdir", str(tmp_path / "out"), "--layout", "t2i-compbench"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "empty.jsonl line 2: --layout t2i-compbench names each image after its prompt, and this prompt is empty" in err
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl"]
