@@ -367,6 +367,17 @@ def load_state_dict_strict(
     module.load_state_dict(out, strict=True, assign=True)
 
 
+def check_can_create(folder: Path, what: str | os.PathLike) -> None:
+    """Raise OSError `"{what}: cannot write a file in {folder}: ..."` unless a new file can be created in
+    `folder` (tried with an empty hidden file, removed at once: permissions, read-only or full file systems)."""
+    probe = Path(folder) / f".taca-mmdit.{os.urandom(6).hex()}.check"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        raise type(e)(f"{what}: cannot write a file in {folder}: {e.strerror}") from None
+    probe.unlink()
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """`write(tmp)` on a temporary file beside `path`, then rename it to `path`: never a half-written file.
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from convert.files import write_atomic
+from convert.files import check_can_create, write_atomic
 from mmdit.probe import probe_attention
 
 from .batch import Processes, Run, sample_items
@@ -316,12 +316,7 @@ def check_output(path: Path, suffix: str, through: bool) -> Path:
         raise NotADirectoryError(f"{path}: {blocker} is not a folder") from None
     except OSError as e:
         raise type(e)(f"{path}: cannot create the folder {folder}: {e.strerror}") from None
-    probe = folder / f".{target.name}.{os.urandom(6).hex()}.check"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError as e:
-        raise type(e)(f"{path}: cannot write a file in {folder}: {e.strerror}") from None
-    probe.unlink()
+    check_can_create(folder, path)
     return path
 
 

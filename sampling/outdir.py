@@ -43,7 +43,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from convert.files import write_atomic
+from convert.files import check_can_create, write_atomic
 
 from .prompt_file import Item
 
@@ -87,12 +87,7 @@ def check_outdir(outdir: Path) -> None:
     existing = next(p for p in (outdir, *outdir.parents) if p.exists())
     if not existing.is_dir():
         raise NotADirectoryError(f"{outdir}: {existing} is not a folder")
-    probe = existing / f".taca-mmdit.{os.urandom(6).hex()}.check"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError as e:
-        raise type(e)(f"{outdir}: cannot write a file in {existing}: {e.strerror}") from None
-    probe.unlink()
+    check_can_create(existing, outdir)
 
 
 def png_bytes(image: Image.Image, text: dict[str, str]) -> bytes:
