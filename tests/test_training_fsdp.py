@@ -10,8 +10,6 @@ runs every multi-process run, one after the other (the module's fixture `runs`).
 """
 
 import json
-import os
-import signal
 import socket
 import warnings
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
-from training_builders import config_dict, standin_encoders, tiny_config, write_dataset, write_tiny_flux
+from training_builders import config_dict, standin_encoders, stop_at_step_2, tiny_config, write_dataset, write_tiny_flux
 
 import convert
 from sampling.offload import blocks_of
@@ -47,17 +45,7 @@ def runs_worker(rank: int, port: int, configs: list[dict], stop_config: dict, si
             # FSDP sharded every weight, the frozen base's and the LoRA's (without it, none)
             sharded = [isinstance(p, DTensor) for p in result.model.parameters()]
             assert all(sharded) if config["fsdp"] else not any(sharded), config["output"]
-        model, count = convert.load_transformer(stop_config["model"]), [0]
-
-        def on_forward(module, args, output):
-            count[0] += 1
-            if rank == 0 and count[0] == signal_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        for block in blocks_of(model):
-            block.register_forward_hook(on_forward)
-        result = train(TrainConfig(**stop_config), model=model)
-        assert result.interrupted and result.step == 2, (rank, result.step)
+        stop_at_step_2(rank, stop_config, {0: signal_at})
     finally:
         dist.destroy_process_group()
 

@@ -80,25 +80,30 @@ def ddp_worker(rank: int, port: int, config: dict) -> None:
 
 
 def ddp_stop_worker(rank: int, port: int, config: dict, signal_at: dict[int, int]) -> None:
-    """A process of the 2-process stop test: it sends itself SIGTERM at its block forward number
-    `signal_at[rank]` (none if absent), and must end interrupted at step 2 like the other."""
+    """A process of the 2-process stop test: `stop_at_step_2` in a gloo group (127.0.0.1)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        model = convert.load_transformer(config["model"])
-        count = [0]
-
-        def on_forward(module, args, output):
-            count[0] += 1
-            if count[0] == signal_at.get(rank):
-                os.kill(os.getpid(), signal.SIGTERM)
-
-        for block in blocks_of(model):
-            block.register_forward_hook(on_forward)
-        result = train(TrainConfig(**config), model=model)
-        assert result.interrupted and result.step == 2, (rank, result.step)
+        stop_at_step_2(rank, config, signal_at)
     finally:
         dist.destroy_process_group()
+
+
+def stop_at_step_2(rank: int, config: dict, signal_at: dict[int, int]) -> None:
+    """Train `config` in this process of a process group, sending itself SIGTERM at its block forward number
+    `signal_at[rank]` (none if absent): every process must end interrupted at step 2."""
+    model = convert.load_transformer(config["model"])
+    count = [0]
+
+    def on_forward(module, args, output):
+        count[0] += 1
+        if count[0] == signal_at.get(rank):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    for block in blocks_of(model):
+        block.register_forward_hook(on_forward)
+    result = train(TrainConfig(**config), model=model)
+    assert result.interrupted and result.step == 2, (rank, result.step)
 
 
 def config_dict(cfg: TrainConfig) -> dict:
