@@ -148,7 +148,8 @@ def test_mmdit_probe_records_the_models_true_cfg(folders, tmp_path):
 
 def test_prompt_file_lines_keep_their_negative_under_the_models_true_cfg(folders, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"prompt": PROMPT, "negative": NEGATIVE}) + "\n")
+    lines = [{"prompt": PROMPT}, {"prompt": PROMPT, "negative": NEGATIVE}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     outdir = tmp_path / "out"
     assert main(["sample", "--prompts", str(prompts), "--outdir", str(outdir), "--seeds", "5",
                  "--model", str(folders["cfg"]), "--steps", "3"]) == 0
@@ -167,7 +168,7 @@ def test_prompt_file_lines_keep_their_negative_under_the_models_true_cfg(folders
     ({"true_cfg": True}, "true_cfg is True, expected a finite number >= 1"),
     ({"true_cfg": 3.0, "negative": 3}, "negative is 3, expected a string"),
     ({"true_cfg": 3.0, "negative": None}, "negative is None, expected a string"),
-    ({"negative": NEGATIVE}, f"negative is '{NEGATIVE}' but true_cfg is 1: the negative prompt is used only with true CFG"),
+    ({"negative": NEGATIVE}, f"negative is '{NEGATIVE}' but true_cfg is 1: the negative prompt is used only with true"),
 ])
 def test_bad_true_cfg_settings_name_the_file_and_the_setting(tmp_path, settings, message):
     model = tiny_copy(tmp_path / "tiny", **settings)
