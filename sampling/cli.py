@@ -11,8 +11,9 @@ and `generate`'s keyword arguments in one place (`load_run`):
   queries give to text keys, and writes it as a CSV and a heat map (sampling/probe.py), with the image
   drawn beside them.
 Without --model both use the tiny model shipped with the repo (assets/tiny-flux: 32x32 scenes of
-colored shapes, shown 8x enlarged), offline. Steps, guidance and size default to the model's own
-(`sampling.pipeline.DEFAULTS`). The `mmdit` command (cli.py at the repository's top) adds `mmdit train`.
+colored shapes, shown 8x enlarged), offline. Steps, guidance, size and FLUX's true CFG default to the
+model's own (`sampling.pipeline.DEFAULTS`, or its folder's `sampling_defaults`: `Defaults`). The `mmdit`
+command (cli.py at the repository's top) adds `mmdit train`.
 
 Nothing runs on a value that cannot work: each flag is checked at parse time (finite, in range:
 sampling/limits.py), flags against each other and the output path before the model is loaded
@@ -55,9 +56,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 USER_ERRORS = (OSError, ValueError, RuntimeError)  # bad paths, files, settings, hub answers: one line, no traceback
 # `generate`'s guidance arguments and their flags (a flag that does nothing on the model is neither applied nor recorded)
 GUIDANCE_FLAGS = {"guidance": "--guidance", "negative_prompt": "--negative", "true_cfg": "--true-cfg"}
-UNSET = {"guidance": None, "negative_prompt": None, "true_cfg": 1.0}  # what generate takes as "not given"
+UNSET = {"guidance": None, "negative_prompt": None, "true_cfg": 1.0}  # what generate gets for a flag that does nothing
 # the values of flags left unset (None, so that a flag given can be told from its default): generate's and TacaSchedule's
-FLAG_DEFAULTS = {"true_cfg": 1.0, "taca_until": TacaSchedule.until, "lora_scale": 1.0, "slg_scale": 2.8,
+FLAG_DEFAULTS = {"taca_until": TacaSchedule.until, "lora_scale": 1.0, "slg_scale": 2.8,
                  "slg_start": 0.01, "slg_stop": 0.2}
 EPILOG = ("Every value is checked before any work: a bad one is one line on stderr and exit status 2; a flag that would "
           "do nothing on the model is a warning, and is neither applied nor written to the output. Exit status 1: "
@@ -149,9 +150,11 @@ def add_run_arguments(p: argparse.ArgumentParser, seed: int | None, prompt_file:
                    "(default: the tiny model shipped in assets/tiny-flux)")
     p.add_argument("--steps", type=integer(1, MAX_STEPS), help=f"sampling steps, 1 to {MAX_STEPS} (default: the model's)")
     p.add_argument("--guidance", type=number(0), help="FLUX-dev, FLUX.2-dev: distilled guidance; SD3, FLUX.2-klein base: CFG scale (default: the model's)")
-    p.add_argument("--negative", help="negative prompt for the CFG of SD3 and FLUX.2-klein base, or FLUX's with --true-cfg (default: none; SD3 and FLUX.2 use \"\")")
+    p.add_argument("--negative", help="negative prompt for the CFG of SD3 and FLUX.2-klein base, or FLUX's true CFG "
+                   "(default: none, or the model's own with its true CFG; SD3 and FLUX.2 use \"\")")
     p.add_argument("--true-cfg", type=number(1),
-                   help=f"FLUX: true CFG scale with --negative (default {FLAG_DEFAULTS['true_cfg']:g}: off)")
+                   help="FLUX: true CFG scale, with --negative or the model's own negative prompt "
+                        "(default: the model's, 1 = off)")
     p.add_argument("--slg", type=integer(0), nargs="+", metavar="LAYER",
                    help="SD3: skip-layer guidance, skipping these joint blocks (SD3.5 Medium: 7 8 9); needs CFG (default off)")
     p.add_argument("--slg-scale", type=number(0),
@@ -322,8 +325,9 @@ def check_output(path: Path, suffix: str, through: bool) -> Path:
 
 def load_run(args: argparse.Namespace) -> tuple[Pipeline, dict]:
     """The pipeline the flags name (with their LoRAs) and `generate`'s keyword arguments: the flags, else
-    the model's defaults (steps, guidance, size), every one resolved so that it can be written down. A
-    guidance flag that would do nothing on this model is warned of and left out (None)."""
+    the model's defaults (steps, guidance, size, FLUX's true CFG and its negative prompt), every one resolved
+    so that it can be written down. A guidance flag that would do nothing on this model is warned of and
+    left out (None)."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     offload = args.offload or ("encoders" if args.offload_encoders else None)
@@ -347,11 +351,12 @@ def load_run(args: argparse.Namespace) -> tuple[Pipeline, dict]:
     for file in args.lora:
         load_pipeline_lora(pipe, file, scale=value["lora_scale"])
     steps = pipe.defaults.steps if args.steps is None else args.steps
+    true_cfg, negative = pipe.true_cfg_for(args.true_cfg, args.negative)  # the flags, else the model's
     settings = dict(
         height=height, width=width, steps=steps,
         guidance=pipe.defaults.guidance if args.guidance is None else args.guidance,
         seed=random.randrange(2**32) if args.seed is None else args.seed,
-        negative_prompt=args.negative, true_cfg=value["true_cfg"],
+        negative_prompt=negative, true_cfg=true_cfg,
         temperature=None if args.taca is None else TacaSchedule(args.taca, value["taca_until"]),
         skip_guidance_layers=args.slg, skip_layer_guidance_scale=value["slg_scale"],
         skip_layer_guidance_start=value["slg_start"], skip_layer_guidance_stop=value["slg_stop"],

@@ -19,8 +19,9 @@ A Diffusers folder's `model_index.json` may mark a part as absent on purpose (`"
 null]`, Diffusers' convention for optional components): that text encoder's features are then zeros
 (a FLUX model without CLIP gets a zero pooled vector), and the autoencoder's folder may hold a
 weightless `PixelCodec` (mmdit/pixel_codec.py) instead. Its `"sampling_defaults"` entry, when there
-is one, replaces the family's defaults (`steps`, `guidance`, `size`, `upscale`, and `trained_sizes`:
-other sizes are drawn with a warning; sampling/pipeline.py).
+is one, replaces the family's defaults (`steps`, `guidance`, `size`, `upscale`, `trained_sizes`: other
+sizes are drawn with a warning, and FLUX.1's `true_cfg` and `negative`: true CFG by default;
+sampling/pipeline.py `Defaults`), a bad value a CheckpointError naming the file and the setting.
 A FLUX T5 tokenizer folder's `model_max_length` sets the text length (else 512).
 The tiny model shipped in assets/tiny-flux is such a folder.
 
@@ -127,6 +128,22 @@ def _tokenizer(part: Part, role: str, family: str, max_length: int | None):
     return load_tokenizer(part.path)
 
 
+def folder_defaults(entry, family: str, index: Path) -> Defaults:
+    """A model_index.json's "sampling_defaults" entry as `Defaults`; CheckpointError naming the file and the
+    setting for a bad one, and for FLUX.1's true CFG (`true_cfg`, `negative`) in another family's folder
+    (SD3's and FLUX.2's CFG scale is `guidance`)."""
+    try:
+        if not isinstance(entry, dict):
+            raise TypeError(f"expected an object of settings, got {entry!r}")
+        defaults = Defaults(**entry)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{index}: sampling_defaults: {e}") from None
+    if family != "flux" and (defaults.true_cfg != 1 or defaults.negative):
+        raise CheckpointError(f"{index}: sampling_defaults: true_cfg and negative are FLUX.1's true CFG; this is a "
+                              f"{family} model, whose CFG scale is guidance")
+    return defaults
+
+
 def load_pipeline(
     source: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -200,8 +217,5 @@ def load_pipeline(
         kwargs["distilled"] = is_distilled(path)
     own_defaults = model_index(path).get("sampling_defaults")
     if own_defaults is not None:
-        try:
-            kwargs["defaults"] = Defaults(**own_defaults)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path / 'model_index.json'}: sampling_defaults: {e}") from None
+        kwargs["defaults"] = folder_defaults(own_defaults, family, path / "model_index.json")
     return PIPELINES[family](transformer, ae, encoders, tokenizers, name=name, offload=offload, device=device, **kwargs)

@@ -7,7 +7,8 @@ what the transformer receives about a prompt (`encode_prompt`), which noise leve
 - FLUX (`FluxPipeline`): context = T5 states; pooled = CLIP-L's pooled state, unprojected (zeros for
   a model without CLIP, such as the tiny one in assets/tiny-flux); dev-type models take the distilled
   guidance scale as an input, schnell-type none; true CFG with a negative prompt is optional
-  (`true_cfg`). BFL flux `src/flux/sampling.py` `prepare`; Diffusers `pipelines/flux/pipeline_flux.py`.
+  (`true_cfg`), on by default where the model folder says so (`Defaults.true_cfg`, `negative`: a model
+  trained with caption dropout). BFL flux `src/flux/sampling.py` `prepare`; Diffusers `pipelines/flux/pipeline_flux.py`.
 - SD3/SD3.5 (`SD3Pipeline`): CLIP-L and bigG penultimate states (no final norm) side by side,
   zero-padded to the transformer's context width, then the T5 states along the sequence (zeros where
   T5 is absent, as Diffusers does); pooled = both CLIP pooled vectors (projected when the encoder has a
@@ -45,12 +46,18 @@ from .taca import TemperatureSpec
 @dataclass(frozen=True)
 class Defaults:
     """Per-model sampling defaults: steps and guidance (FLUX-dev: distilled; SD3: CFG scale; 0 = none),
-    image side in pixels, the nearest-neighbour factor `mmdit sample` enlarges the PNG by, and the sizes
-    (width, height) the model was trained at when it draws well at those only (the tiny model: 32x32).
+    image side in pixels, the nearest-neighbour factor `mmdit sample` enlarges the PNG by, the sizes
+    (width, height) the model was trained at when it draws well at those only (the tiny model: 32x32),
+    and FLUX.1's true CFG: its scale (1 = off) and the negative prompt it is used with.
 
     `generate` draws any other size too, with a warning naming these (not an error: a fine-tune at another
     resolution keeps its base's folder settings, and the attention probe at other sizes is an experiment
     of its own). A model_index.json writes them "WIDTHxHEIGHT"; empty (the real models): no warning.
+
+    true_cfg > 1 suits a model trained with caption dropout (some captions empty, so that it also learned
+    the unconditional velocity): `generate` then guides against `negative` ("": the empty caption) unless
+    told otherwise (`Pipeline.true_cfg_for`). Raises ValueError for a true_cfg that is not a finite number
+    >= 1, a negative that is not a string, or a negative without true CFG (it would be used nowhere).
     """
 
     steps: int
@@ -58,9 +65,21 @@ class Defaults:
     size: int = 1024
     upscale: int = 1
     trained_sizes: tuple[tuple[int, int], ...] = ()
+    true_cfg: float = 1.0
+    negative: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "trained_sizes", tuple(map(parse_trained_size, self.trained_sizes)))
+        cfg = self.true_cfg
+        if type(cfg) not in (int, float) or not math.isfinite(cfg) or cfg < 1:
+            raise ValueError(f"true_cfg is {cfg!r}, expected a finite number >= 1 (1: no true CFG)")
+        object.__setattr__(self, "true_cfg", float(cfg))
+        if not isinstance(self.negative, str):
+            raise ValueError(f"negative is {self.negative!r}, expected a string (the negative prompt; \"\": the "
+                             "empty one)")
+        if self.negative and self.true_cfg == 1:
+            raise ValueError(f"negative is {self.negative!r} but true_cfg is 1: the negative prompt is used only with "
+                             "true CFG (a true_cfg above 1)")
 
 
 def parse_trained_size(size) -> tuple[int, int]:
@@ -199,8 +218,21 @@ class Pipeline:
 
     def inert(self, guidance: float | None, negative_prompt, true_cfg: float) -> dict[str, str]:
         """The guidance arguments given that would do nothing on this model: {argument: why}. `generate`
-        warns of them; `mmdit sample` neither applies nor records them."""
+        warns of them; `mmdit sample` neither applies nor records them. true_cfg and negative_prompt as
+        `true_cfg_for` resolves them."""
         return {}
+
+    def true_cfg_for(self, true_cfg: float | None, negative_prompt: str | list[str] | None
+                     ) -> tuple[float, str | list[str] | None]:
+        """(true CFG scale, negative prompt) as `generate` applies them: the scale given, else the model's
+        (`defaults.true_cfg`, 1 = off); the negative prompt given, else the model's (`defaults.negative`)
+        where the model's own true CFG is on (`defaults.true_cfg` > 1) and the scale is above 1. So an
+        explicit `true_cfg=1.0` turns it off, and a negative prompt given is used at the model's scale.
+        Only FLUX.1 has true CFG; the other families' defaults keep true_cfg 1 (sampling/loading.py)."""
+        true_cfg = self.defaults.true_cfg if true_cfg is None else true_cfg
+        if negative_prompt is None and true_cfg > 1 and self.defaults.true_cfg > 1:
+            negative_prompt = self.defaults.negative
+        return true_cfg, negative_prompt
 
     def guidance_for(self, prompts: list[str], guidance: float, negative_prompt: str | list[str] | None,
                      true_cfg: float) -> Guidance:
@@ -235,7 +267,7 @@ class Pipeline:
         noise: Tensor | None = None,
         temperature: TemperatureSpec = None,
         sigmas: list[float] | Tensor | None = None,
-        true_cfg: float = 1.0,
+        true_cfg: float | None = None,
         gate_lora: bool = True,
         decode_tile: int | None = None,
         output: str = "pil",
@@ -264,7 +296,9 @@ class Pipeline:
             appended; the run has one step per level. SD3: [1.0, 0.75, 0.5, 0.25] -> [1.0, 0.9, 0.75, 0.5, 0.0].
         noise_levels: your own noise levels t used exactly as given (no shift): decreasing, in (0, 1],
             then 0 appended. Give `sigmas` or `noise_levels`, not both.
-        true_cfg: FLUX: classifier-free guidance at this scale when > 1 and a negative prompt is given.
+        true_cfg: FLUX: classifier-free guidance at this scale when > 1 and a negative prompt is given
+            (default: the model's, `defaults.true_cfg`, 1 = off; where the model's is on, its own negative
+            prompt `defaults.negative` is used when none is given: `true_cfg_for`).
         decode_tile: tiled decoding (latent pixels per tile) for large images.
         output: "pil" (list of images), "tensor" ((B, 3, H, W) in [0, 1]) or "latent".
         skip_guidance_layers (SD3 only, with CFG): skip-layer guidance, as Diffusers' argument of the
@@ -303,6 +337,7 @@ class Pipeline:
         if sigmas is not None and noise_levels is not None:
             raise ValueError("give sigmas (shifted by the model's schedule, as Diffusers) or noise_levels (as they are), "
                              "not both")
+        true_cfg, negative_prompt = self.true_cfg_for(true_cfg, negative_prompt)
         for name, why in self.inert(guidance, negative_prompt, true_cfg).items():
             warnings.warn(f"{name} does nothing here: {why}", stacklevel=3)
         steps = self.defaults.steps if steps is None else steps
