@@ -45,13 +45,24 @@ from training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets" / "tiny-flux"
-# the recorded training run: every weight trains, float32 on the CPU, uniform t, cosine learning rate
+# stage 1, 32x32: every weight trains from a random init, float32 on the CPU, uniform t, cosine learning rate
 RECIPE = dict(train="full", resolution=scenes.SIZE, batch_size=64, steps=3000, lr=1e-3, warmup_steps=100,
               lr_schedule="cosine", weight_decay=0.0, timesteps="uniform", taca_gamma=1.0, dtype="float32",
               mixed_precision="no", device="cpu", checkpoint_every=500, seed=0)
-# model_index.json's: `mmdit sample` draws 32x32 by default, shown 8x; other sizes than the one trained at warn
-SAMPLING_DEFAULTS = {"steps": 20, "guidance": 0.0, "size": scenes.SIZE, "upscale": 8,
-                     "trained_sizes": [f"{RECIPE['resolution']}x{RECIPE['resolution']}"]}
+# stage 2, several sizes: from stage 1's weights, each image at its own size (one size per batch), and one
+# caption in ten dropped to the empty one so that the model also learns the unconditional velocity (true CFG)
+RECIPE_SIZES = dict(train="full", native_size=True, batch_size=32, steps=2400, lr=5e-4, warmup_steps=50,
+                    lr_schedule="cosine", weight_decay=0.0, timesteps="uniform", caption_dropout=0.1, taca_gamma=1.0,
+                    dtype="float32", mixed_precision="no", device="cpu", checkpoint_every=250, seed=0)
+# stage 2's scenes: (width, height) -> (placements per training caption, single objects per (color, shape));
+# batches per epoch follow the counts: 60% of the batches at 32x32 (where the model is scored), 20% at 64x64
+# (a batch costs about 10x one at 32x32 on the CPU), 10% at each of 64x32 and 32x64
+SIZES = {(32, 32): (6, 30), (64, 64): (2, 10), (64, 32): (1, 5), (32, 64): (1, 5)}
+# model_index.json's: `mmdit sample` draws 32x32 by default, shown 8x, with true CFG against the empty
+# caption; sizes other than those trained at warn
+STAGE1_DEFAULTS = {"steps": 20, "guidance": 0.0, "size": scenes.SIZE, "upscale": 8, "trained_sizes": ["32x32"]}
+SAMPLING_DEFAULTS = {"steps": 20, "guidance": 0.0, "size": scenes.SIZE, "upscale": 8, "true_cfg": 3.0, "negative": "",
+                     "trained_sizes": [f"{w}x{h}" for w, h in SIZES]}
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,13 @@ def t5_config_json(cfg: T5Config) -> dict:
             "layer_norm_epsilon": cfg.eps, "feed_forward_proj": "gated-gelu"}
 
 
+def model_index_json(defaults: dict) -> dict:
+    """The model folder's Diffusers-style index, with `mmdit sample`'s `sampling_defaults`."""
+    return {"_class_name": "FluxPipeline", "text_encoder": [None, None], "tokenizer": [None, None],
+            "text_encoder_2": ["mmdit", "T5Encoder"], "tokenizer_2": ["sentencepiece", "spiece.model"],
+            "transformer": ["mmdit", "Flux"], "vae": ["mmdit", "PixelCodec"], "sampling_defaults": defaults}
+
+
 def write_model(folder: Path, spec: TinySpec, seed: int) -> Path:
     """The untrained model folder: tokenizer, frozen T5, codec, random transformer, model_index.json."""
     vocab = write_tokenizer(folder / "tokenizer_2")
@@ -159,10 +177,7 @@ def write_model(folder: Path, spec: TinySpec, seed: int) -> Path:
     write_json(folder / "vae" / "config.json", PixelCodec().config())
     flux = init_flux(spec.flux(), seed + 1)
     save_safetensors_atomic(flux.state_dict(), folder / "transformer" / "tiny-flux.safetensors")
-    index = {"_class_name": "FluxPipeline", "text_encoder": [None, None], "tokenizer": [None, None],
-             "text_encoder_2": ["mmdit", "T5Encoder"], "tokenizer_2": ["sentencepiece", "spiece.model"],
-             "transformer": ["mmdit", "Flux"], "vae": ["mmdit", "PixelCodec"], "sampling_defaults": SAMPLING_DEFAULTS}
-    write_json(folder / "model_index.json", index)
+    write_json(folder / "model_index.json", model_index_json(STAGE1_DEFAULTS))
     return folder
 
 
@@ -171,13 +186,16 @@ def tiny_train_config(model: Path, data: Path, output: Path, **overrides) -> Tra
     return TrainConfig(model=str(model), data=str(data), output=str(output), **{**RECIPE, **overrides})
 
 
-def assemble(init: Path, trained: Path, out: Path, dtype: torch.dtype = torch.float16) -> None:
-    """The shipped folder: the untrained one with the trained transformer in its place (stored in `dtype`)."""
+def assemble(init: Path, trained: Path, out: Path, defaults: dict, dtype: torch.dtype = torch.float16) -> None:
+    """A finished folder: `init`'s parts with the trained transformer (stored in `dtype`) in place of its own and
+    `defaults` as its sampling defaults; `out`'s README.md is kept."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(init, tmp)
     weights = {k: v.to(dtype) for k, v in load_file(trained).items()}
     save_safetensors_atomic(weights, tmp / "transformer" / "tiny-flux.safetensors")
+    write_json(tmp / "model_index.json", model_index_json(defaults))
+    (tmp / "README.md").unlink(missing_ok=True)
     if out.exists():
         readme = out / "README.md"
         if readme.is_file():
@@ -186,33 +204,64 @@ def assemble(init: Path, trained: Path, out: Path, dtype: torch.dtype = torch.fl
     tmp.rename(out)
 
 
+def write_sized_scenes(folder: Path, seed: int) -> Path:
+    """Stage 2's data: `folder/WxH/NNNNN.png` + `.txt` for each size of `SIZES`; returns `folder`."""
+    for (w, h), (per_layout, per_object) in SIZES.items():
+        scenes.write_scenes(folder / f"{w}x{h}", scenes.training_scenes(per_layout, per_object, seed, w, h))
+    return folder
+
+
+def stage1(work: Path, args: argparse.Namespace) -> Path | None:
+    """Stage 1 (32x32, from a random init) in `work`; its model folder, or None if interrupted."""
+    if (work / "stage1" / "model_index.json").is_file():  # done by an earlier (resumed) run
+        return work / "stage1"
+    data = work / "scenes" / "train"
+    if not data.is_dir():
+        scenes.write_dataset(work / "scenes", seed=args.seed)
+    init = work / "init"
+    if not (init / "model_index.json").is_file():
+        write_model(init, TinySpec(), args.seed)
+    cfg = tiny_train_config(init, data, work / "train", steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, seed=args.seed, resume="latest" if args.resume else None)
+    if train(cfg).interrupted:
+        return None
+    assemble(init, work / "train" / "transformer.safetensors", work / "stage1", STAGE1_DEFAULTS)
+    return work / "stage1"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m scripts.train_tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "tiny",
                     help="folder of the data, cache, checkpoints and log (default runs/tiny)")
     ap.add_argument("--out", type=Path, default=ASSETS,
                     help="the model folder written at the end (default assets/tiny-flux)")
-    ap.add_argument("--steps", type=int, default=RECIPE["steps"], help=f"optimizer steps (default {RECIPE['steps']})")
-    ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help=f"global batch (default {RECIPE['batch_size']})")
-    ap.add_argument("--lr", type=float, default=RECIPE["lr"], help=f"peak learning rate (default {RECIPE['lr']:g})")
+    ap.add_argument("--stage1", type=Path,
+                    help="a finished stage-1 model folder to start stage 2 from (default: run stage 1 in --work)")
+    ap.add_argument("--steps", type=int, default=RECIPE["steps"], help=f"stage 1's optimizer steps (default {RECIPE['steps']})")
+    ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help=f"stage 1's global batch (default {RECIPE['batch_size']})")
+    ap.add_argument("--lr", type=float, default=RECIPE["lr"], help=f"stage 1's peak learning rate (default {RECIPE['lr']:g})")
+    ap.add_argument("--steps-sizes", type=int, default=RECIPE_SIZES["steps"],
+                    help=f"stage 2's optimizer steps (default {RECIPE_SIZES['steps']})")
     ap.add_argument("--seed", type=int, default=RECIPE["seed"],
-                    help=f"seed of the data, the initial model and the training (default {RECIPE['seed']})")
+                    help=f"seed of the data, the initial model and the training (default {RECIPE['seed']}; "
+                         "stage 2's scenes draw with seed + 1)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    data = args.work / "scenes" / "train"
+    first = args.stage1 or stage1(args.work, args)
+    if first is None:
+        return
+    data = args.work / "scenes-sizes" / "train"
     if not data.is_dir():
-        scenes.write_dataset(args.work / "scenes", seed=args.seed)
-    init = args.work / "init"
-    if not (init / "model_index.json").is_file():
-        write_model(init, TinySpec(), args.seed)
-    cfg = tiny_train_config(init, data, args.work / "train", steps=args.steps, batch_size=args.batch_size,
-                            lr=args.lr, seed=args.seed, resume="latest" if args.resume else None)
+        write_sized_scenes(data, args.seed + 1)
+    cfg = TrainConfig(model=str(first), data=str(data), output=str(args.work / "train-sizes"),
+                      **{**RECIPE_SIZES, "steps": args.steps_sizes, "seed": args.seed,
+                         "resume": "latest" if args.resume else None})
     result = train(cfg)
     if result.interrupted:
         return
-    assemble(init, args.work / "train" / "transformer.safetensors", args.out)
+    assemble(first, args.work / "train-sizes" / "transformer.safetensors", args.out, SAMPLING_DEFAULTS)
     minutes = (time.perf_counter() - start) / 60
     tail = result.losses[-100:]
     print(f"wrote {args.out} in {minutes:.1f} min; mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f}")

@@ -61,6 +61,9 @@ class TrainConfig:
                                            "area is its square (default: the model's own size, as mmdit sample "
                                            "draws it: 32 for assets/tiny-flux, 1024 for FLUX.1 and SD3.5)")
     buckets: bool = setting(False, "aspect-ratio buckets instead of a center-cropped square")
+    native_size: bool = setting(False, "train each image at its own size, center-cropped to sides that are "
+                                       "multiples of 16 (no resizing): data drawn at several sizes trains at each, "
+                                       "one size per batch; --resolution and --buckets are then unused")
     rank: int = setting(16, "LoRA rank")
     alpha: float | None = setting(None, "LoRA alpha (default: the rank, a scale of 1)")
     targets: list[str] = setting(["attn"], "comma-separated LoRA targets: attn, mlp, mod (mmdit.lora) "
@@ -78,6 +81,9 @@ class TrainConfig:
                                  "paper: 0.97, model timestep 970")
     timesteps: str = setting("window", "timestep sampling: window, t ~ U[t_min, 1]; logit-normal, "
                                        "sigmoid(N(0, 1)); or uniform, U[0, 1]")
+    caption_dropout: float = setting(0.0, "probability that a pair trains with the empty caption in place of its "
+                                          "own, so that the model also learns the unconditional velocity that "
+                                          "classifier-free guidance samples against (0.1 is usual)")
     guidance: float = setting(3.5, "distilled guidance fed to guidance-embedded models (FLUX.1-dev, FLUX.2 [dev]); "
                                    "ignored by others")
     seed: int = setting(0, "seed of the LoRA init, data order, noise and timesteps")
@@ -103,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.resolution is not None and self.resolution % 16:
             raise ValueError(f"resolution must be a multiple of 16 (8x autoencoder, 2x2 patches): {self.resolution}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.t_min < 1.0:
             raise ValueError(f"t_min must lie in [0, 1), got {self.t_min}")
         choices = {"timesteps": TIMESTEP_SAMPLING, "mixed_precision": MIXED_PRECISION, "dtype": DTYPES,

@@ -7,6 +7,8 @@ turned upright (EXIF), made RGB in [-1, 1] (`open_image`: 16-bit and float greys
 their own range, transparency composited over white), resized to cover the target size and
 center-cropped: a `resolution` square, or with `buckets` the aspect-ratio bucket of about
 `resolution**2` pixels closest to the image's. Images smaller than that are enlarged, with a warning.
+With `native` each image keeps its own size, center-cropped to sides that are multiples of 16: a dataset
+drawn at several sizes trains at each of them (multi-resolution training; batches of one size).
 
 A first pass encodes every image with the autoencoder and every caption with the text encoders and
 writes one safetensors file per pair (`latent`, `context`, `pooled` if any) under the cache folder, named by
@@ -147,8 +149,12 @@ def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
     return sorted(sizes)
 
 
-def target_size(width: int, height: int, resolution: int, buckets: bool) -> tuple[int, int]:
-    """(H, W) an image of this size is cropped to."""
+def target_size(width: int, height: int, resolution: int, buckets: bool, native: bool = False) -> tuple[int, int]:
+    """(H, W) an image of this size is cropped to. ValueError if `native` and a side is under 16 px."""
+    if native:
+        if min(width, height) < 16:
+            raise ValueError(f"{width}x{height} is smaller than 16 px, the smallest side trained at its own size")
+        return height // 16 * 16, width // 16 * 16
     if not buckets:
         return resolution, resolution
     ratio = math.log(width / height)
@@ -170,11 +176,11 @@ def open_image(path: Path) -> Image.Image:
         return im.convert("RGB")  # L, P, CMYK, YCbCr, ...: Pillow's conversions
 
 
-def _load(path: Path, resolution: int, buckets: bool) -> tuple[Tensor, float]:
+def _load(path: Path, resolution: int, buckets: bool, native: bool = False) -> tuple[Tensor, float]:
     """`load_image`, and how much the image was enlarged (1 or less: not enlarged)."""
     im = open_image(path)
-    H, W = target_size(im.width, im.height, resolution, buckets)
-    s = max(W / im.width, H / im.height)
+    H, W = target_size(im.width, im.height, resolution, buckets, native)
+    s = 1.0 if native else max(W / im.width, H / im.height)  # native: cropped only
     w, h = max(W, round(im.width * s)), max(H, round(im.height * s))
     im = im.resize((w, h), Image.Resampling.LANCZOS)
     left, top = (w - W) // 2, (h - H) // 2
@@ -186,17 +192,19 @@ def _load(path: Path, resolution: int, buckets: bool) -> tuple[Tensor, float]:
     return pixels.permute(2, 0, 1).float() / 127.5 - 1, s
 
 
-def load_image(path: Path, resolution: int, buckets: bool) -> Tensor:
+def load_image(path: Path, resolution: int, buckets: bool, native: bool = False) -> Tensor:
     """(3, H, W) in [-1, 1]: resized to cover the target size (Lanczos), center-cropped. OSError if unreadable."""
-    return _load(path, resolution, buckets)[0]
+    return _load(path, resolution, buckets, native)[0]
 
 
 # ---- the cache ----
 
 
-def cache_file(item: Item, cache_dir: Path, resolution: int, buckets: bool, tag: str) -> Path:
+def cache_file(item: Item, cache_dir: Path, resolution: int, buckets: bool, tag: str, native: bool = False) -> Path:
     st = item.image.stat() if item.image.exists() else None
     key = [str(item.image.resolve()), st and st.st_size, st and st.st_mtime_ns, item.caption, resolution, buckets, tag]
+    if native:  # appended only then: the keys of the other runs stay as they were
+        key.append("native")
     return cache_dir / f"{hashlib.sha1(json.dumps(key).encode()).hexdigest()}.safetensors"
 
 
@@ -221,6 +229,7 @@ class CachedData:
     sizes: list[tuple[int, int]]
     skipped: int = 0
     encoded: int = 0  # pairs encoded by this run (all processes)
+    empty: CachedBatch | None = None  # the empty caption's embeddings, for caption dropout (`empty_caption`)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -231,15 +240,30 @@ class CachedData:
         pooled = torch.stack([r["pooled"] for r in rows]).to(device) if "pooled" in rows[0] else None
         return CachedBatch(latents, context, pooled)
 
+    def with_empty_caption(self, dropped: list[bool], context: Tensor, pooled: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """`context` (B, L, D) and `pooled` (B, P) or None with the empty caption's in the rows where `dropped`."""
+        if not any(dropped):
+            return context, pooled
+        if self.empty is None or self.empty.context.shape != context.shape[1:]:
+            raise ValueError(f"the empty caption's embeddings {None if self.empty is None else tuple(self.empty.context.shape)} "
+                             f"do not match the captions' {tuple(context.shape[1:])}: caption dropout needs text "
+                             "embeddings padded to one length")
+        rows = torch.tensor(dropped, device=context.device)
+        context = torch.where(rows[:, None, None], self.empty.context.to(context), context)
+        if pooled is not None:
+            pooled = torch.where(rows[:, None], self.empty.pooled.to(pooled), pooled)
+        return context, pooled
 
-def _encode(items: list[Item], files: list[Path], resolution: int, buckets: bool, encoders: Encoders) -> None:
+
+def _encode(items: list[Item], files: list[Path], resolution: int, buckets: bool, encoders: Encoders,
+            native: bool = False) -> None:
     """Encode the pairs and write each to its cache file; unreadable images are skipped with a warning."""
     pixels: dict[int, Tensor] = {}  # index -> (3, H, W)
     by_size: dict[tuple[int, int], list[int]] = {}  # (H, W) -> indices: images encoded together are one size
     enlarged: dict[Path, float] = {}  # image -> factor, for those smaller than their target size
     for i, item in enumerate(items):
         try:
-            pixels[i], factor = _load(item.image, resolution, buckets)
+            pixels[i], factor = _load(item.image, resolution, buckets, native)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             warnings.warn(f"skipping unreadable image {item.image}: {e}")
             with writing(_unreadable(files[i])):
@@ -275,11 +299,12 @@ def prepare(
     buckets: bool,
     tag: str,
     get_encoders: Callable[[], Encoders],
+    native: bool = False,
 ) -> CachedData:
     """Cache what is not cached yet (encoders loaded only then, each process taking every n-th pair) and
     return the cached pairs. `tag` names the encoders (model source and dtype) in the cache keys."""
     cache_dir = Path(cache_dir)
-    files = [cache_file(it, cache_dir, resolution, buckets, tag) for it in items]
+    files = [cache_file(it, cache_dir, resolution, buckets, tag, native) for it in items]
     known_bad = [it.image for it, f in zip(items, files) if _unreadable(f).is_file()]
     pending = [i for i, f in enumerate(files) if not f.is_file() and not _unreadable(f).is_file()]
     dist.barrier()  # every process has seen the same pending list before any writes
@@ -287,13 +312,30 @@ def prepare(
         warnings.warn(f"skipping {len(known_bad)} image(s) found unreadable before: {', '.join(map(str, known_bad))}")
     mine = pending[dist.rank() :: dist.world()]
     if mine:
-        _encode([items[i] for i in mine], [files[i] for i in mine], resolution, buckets, get_encoders())
+        _encode([items[i] for i in mine], [files[i] for i in mine], resolution, buckets, get_encoders(), native)
     dist.barrier()
     kept = [f for f in files if f.is_file()]
     if not kept:
         raise ValueError(f"none of the {len(items)} images could be read")
     sizes = [tuple(read_header(f)["latent"]["shape"][1:]) for f in kept]
     return CachedData(kept, sizes, skipped=len(items) - len(kept), encoded=sum(files[i].is_file() for i in pending))
+
+
+def empty_caption(cache_dir: str | Path, tag: str, get_encoders: Callable[[], Encoders]) -> CachedBatch:
+    """The text embeddings of the empty caption (what caption dropout trains with, and true CFG samples
+    against): `latents` empty (0,), `context` (L, D), `pooled` (P,) or None. Encoded once by the first
+    process and cached beside the pairs (`empty-caption-<hash of tag>.safetensors`)."""
+    path = Path(cache_dir) / f"empty-caption-{hashlib.sha1(tag.encode()).hexdigest()[:16]}.safetensors"
+    if dist.rank() == 0 and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            context, pooled = get_encoders().encode_prompts([""])  # (1, L, D), (1, P) or None
+        tensors = {"context": context[0]} | ({"pooled": pooled[0]} if pooled is not None else {})
+        with writing(path):
+            save_safetensors_atomic(tensors, path, {"caption": "", "tag": tag})
+    dist.barrier()
+    row = load_file(path)
+    return CachedBatch(torch.zeros(0), row["context"], row.get("pooled"))
 
 
 # ---- batches ----

@@ -59,7 +59,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, native_resolution
-from .data import BatchSampler, CachedData, Encoders, derive_seed, encoders_from_pipeline, generator, prepare, scan
+from .data import (BatchSampler, CachedData, Encoders, derive_seed, empty_caption, encoders_from_pipeline, generator,
+                   prepare, scan)
 from .disk import remove_stale_temporaries, writing
 from .interrupt import StepAborted, StopOnSignal
 from .loss import batch_temperature, flow_matching_loss, sample_t
@@ -109,12 +110,15 @@ def load_data_and_model(
 
     def load_encoders() -> Encoders:
         nonlocal pipe
-        pipe = load_pipeline(cfg.model, device=device, dtype=dtype, offload="model" if cfg.fsdp else None)
+        if pipe is None:
+            pipe = load_pipeline(cfg.model, device=device, dtype=dtype, offload="model" if cfg.fsdp else None)
         return encoders_from_pipeline(pipe)
 
     tag = f"{cfg.model}|{cfg.dtype}"  # the encoders, in the cache keys
-    data = prepare(scan(cfg.data), cfg.cache_dir, cfg.resolution, cfg.buckets, tag,
-                   load_encoders if encoders is None else lambda: encoders)
+    get_encoders = load_encoders if encoders is None else lambda: encoders
+    data = prepare(scan(cfg.data), cfg.cache_dir, cfg.resolution, cfg.buckets, tag, get_encoders, cfg.native_size)
+    if cfg.caption_dropout > 0:
+        data.empty = empty_caption(cfg.cache_dir, tag, get_encoders)
     if model is None and pipe is not None and not cfg.fsdp:
         model = pipe.transformer
     pipe = None  # the encoders go
@@ -272,6 +276,10 @@ def train(
                     for m in range(cfg.grad_accum):
                         js = range(m * micro + rank * local, m * micro + (rank + 1) * local)  # indices in the global batch
                         x0, context, pooled = data.load([batch[j] for j in js], device)  # (b, C, h, w), (b, L, D), (b, P) | None
+                        if cfg.caption_dropout > 0:  # each sample's draw: its own generator, named as its noise
+                            dropped = [torch.rand(1, generator=generator(cfg.seed, "caption", step, j)).item()
+                                       < cfg.caption_dropout for j in js]
+                            context, pooled = data.with_empty_caption(dropped, context, pooled)
                         # each sample's t and noise: its own generator, named by (seed, step, index in the global batch)
                         gens = [generator(cfg.seed, "sample", step, j) for j in js]
                         t = torch.cat([sample_t(cfg.timesteps, cfg.t_min, g) for g in gens]).to(device)  # (b,)
