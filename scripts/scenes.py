@@ -1,7 +1,7 @@
 """Procedural scenes of colored shapes with spatial relations: the toy data of the embedded tiny model.
 
-A scene is one or two shapes (circle, square, triangle) in named saturated colors on a white 32x32
-canvas; two shapes stand in a relation (left of, right of, above, below). Captions follow one grammar:
+A scene is one or two shapes (circle, square, triangle) in named saturated colors on a white canvas
+(32x32; or any size of sides >= 32, the shapes scaled by min(width, height) / 32); two shapes stand in a relation (left of, right of, above, below). Captions follow one grammar:
 
     "a red circle"                                   one object
     "a red circle to the left of a blue square"      two objects, A <relation> B
@@ -11,7 +11,7 @@ color (benchmarks/compbench.py). "A to the left of B" and "B to the right of A" 
 layout: the held-out split holds out layouts (`layout_key`), both phrasings at once, so no held-out
 prompt describes a picture seen in training. Everything is a pure function of a seed.
 
-    python -m scripts.scenes OUT_DIR [--per-layout 8] [--per-object 40] [--seed 0]
+    python -m scripts.scenes OUT_DIR [--per-layout 8] [--per-object 40] [--seed 0] [--size 64x32]
 
 writes `OUT_DIR/train/NNNNN.png` + `.txt` (the format `mmdit train --data` reads) and
 `OUT_DIR/heldout.txt` (one held-out prompt per line).
@@ -61,6 +61,8 @@ class Obj:
 class Scene:
     objects: tuple[Obj, ...]  # one, or two in caption order (A, B)
     relation: str | None = None  # A <relation> B
+    width: int = SIZE  # canvas, pixels
+    height: int = SIZE
 
     @property
     def caption(self) -> str:
@@ -114,23 +116,30 @@ def heldout_prompts() -> list[str]:
 # ---- placing and drawing ----
 
 
-def place(a: tuple[str, str], relation: str | None, b: tuple[str, str] | None, rng: random.Random) -> Scene:
-    """A random placement that makes the caption true with a clear margin (>= 12 px along the axis,
-    <= 4 px across it)."""
+def place(a: tuple[str, str], relation: str | None, b: tuple[str, str] | None, rng: random.Random,
+          width: int = SIZE, height: int = SIZE) -> Scene:
+    """A random placement on a `width` x `height` canvas that makes the caption true with a clear margin
+    (>= 12 px along the axis, <= 4 px across it, at 32x32). Sides and margins scale with
+    k = min(width, height) / 32, so a 64x64 scene is a 32x32 one at twice the resolution and a 64x32
+    one has the same shapes with more room along its width. At 32x32 the draws are those of the first
+    (32x32-only) version of this function, so its datasets are unchanged."""
+    k = min(width, height) / SIZE
+    lo_side, hi_side = round(MIN_SIDE * k), round(MAX_SIDE * k)
     if relation is None:
-        side = rng.randint(MIN_SIDE, MAX_SIDE)
-        lo, hi = side / 2 + 1, SIZE - side / 2 - 1
-        return Scene((Obj(*a, rng.uniform(lo, hi), rng.uniform(lo, hi), side),))
+        side = rng.randint(lo_side, hi_side)
+        return Scene((Obj(*a, rng.uniform(side / 2 + k, width - side / 2 - k),
+                          rng.uniform(side / 2 + k, height - side / 2 - k), side),), width=width, height=height)
     axis, first, _ = layout_key(a, relation, b)
-    s1, s2 = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
-    along1 = rng.uniform(s1 / 2 + 1, min(SIZE / 2 - 2, SIZE - s2 / 2 - 13))  # the first in the left / top half
-    along2 = rng.uniform(max(SIZE / 2 + 2, along1 + 12), SIZE - s2 / 2 - 1)
-    across = rng.uniform(MAX_SIDE / 2 + 3, SIZE - MAX_SIDE / 2 - 3)
-    across1, across2 = across + rng.uniform(-2, 2), across + rng.uniform(-2, 2)
+    along, across_size = (width, height) if axis == "h" else (height, width)  # canvas sides, pixels
+    s1, s2 = rng.randint(lo_side, hi_side), rng.randint(lo_side, hi_side)
+    along1 = rng.uniform(s1 / 2 + k, min(along / 2 - 2 * k, along - s2 / 2 - 13 * k))  # the first in the left / top half
+    along2 = rng.uniform(max(along / 2 + 2 * k, along1 + 12 * k), along - s2 / 2 - k)
+    across = rng.uniform(hi_side / 2 + 3 * k, across_size - hi_side / 2 - 3 * k)
+    across1, across2 = across + rng.uniform(-2 * k, 2 * k), across + rng.uniform(-2 * k, 2 * k)
     xy1, xy2 = ((along1, across1), (along2, across2)) if axis == "h" else ((across1, along1), (across2, along2))
     o1, o2 = (a, b) if first == a else (b, a)
     placed = {o1: Obj(*o1, *xy1, s1), o2: Obj(*o2, *xy2, s2)}
-    return Scene((placed[a], placed[b]), relation)
+    return Scene((placed[a], placed[b]), relation, width, height)
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
@@ -152,8 +161,9 @@ def draw_object(draw: ImageDraw.ImageDraw, o: Obj) -> None:
 
 
 def render(scene: Scene) -> Image.Image:
-    """The scene as a 32x32 RGB image (no anti-aliasing: every pixel is the background or a palette color)."""
-    im = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    """The scene as a `scene.width` x `scene.height` RGB image (no anti-aliasing: every pixel is the background
+    or a palette color)."""
+    im = Image.new("RGB", (scene.width, scene.height), BACKGROUND)
     draw = ImageDraw.Draw(im)
     for o in scene.objects:
         draw_object(draw, o)
@@ -189,28 +199,46 @@ def parse(caption: str) -> Scene:
 # ---- the training set ----
 
 
-def training_scenes(per_layout: int, per_object: int, seed: int) -> list[Scene]:
-    """`per_layout` placements of each phrasing of each training layout, and `per_object` single objects."""
-    rng = random.Random(seed)
+def training_scenes(per_layout: int, per_object: int, seed: int, width: int = SIZE, height: int = SIZE) -> list[Scene]:
+    """`per_layout` placements of each phrasing of each training layout, and `per_object` single objects, on a
+    `width` x `height` canvas. Other sizes than 32x32 draw from their own stream of the seed."""
+    rng = random.Random(seed if (width, height) == (SIZE, SIZE) else f"{seed}:{width}x{height}")
     held = heldout_layouts()
-    scenes = [place(o, None, None, rng) for o in objects() for _ in range(per_object)]
+    scenes = [place(o, None, None, rng, width, height) for o in objects() for _ in range(per_object)]
     for lay in all_layouts():
         if lay in held:
             continue
         for a, rel, b in captions_of(lay):
-            scenes += [place(a, rel, b, rng) for _ in range(per_layout)]
+            scenes += [place(a, rel, b, rng, width, height) for _ in range(per_layout)]
     return scenes
 
 
-def write_dataset(out: Path, per_layout: int = 8, per_object: int = 40, seed: int = 0) -> Path:
-    """Write `out/train/NNNNN.png` + `.txt` and `out/heldout.txt`; returns `out/train`."""
+def write_scenes(folder: Path, scenes: list[Scene]) -> None:
+    """`folder/NNNNN.png` + `.txt` (image and caption) for each scene: the format `mmdit train --data` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(scenes):
+        render(scene).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(scene.caption + "\n")
+
+
+def write_dataset(out: Path, per_layout: int = 8, per_object: int = 40, seed: int = 0,
+                  width: int = SIZE, height: int = SIZE) -> Path:
+    """Write `out/train/NNNNN.png` + `.txt` at `width` x `height` and `out/heldout.txt`; returns `out/train`."""
     train = out / "train"
-    train.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(training_scenes(per_layout, per_object, seed)):
-        render(scene).save(train / f"{i:05d}.png")
-        (train / f"{i:05d}.txt").write_text(scene.caption + "\n")
+    write_scenes(train, training_scenes(per_layout, per_object, seed, width, height))
     (out / "heldout.txt").write_text("\n".join(heldout_prompts()) + "\n")
     return train
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (width, height); sides of at least 32 px (a two-shape scene needs them)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 64x32, got {text!r}") from None
+    if min(w, h) < SIZE:
+        raise argparse.ArgumentTypeError(f"{text}: sides must be at least {SIZE} px")
+    return w, h
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,8 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-layout", type=int, default=8, help="placements per training caption (default 8)")
     ap.add_argument("--per-object", type=int, default=40, help="single-object images per (color, shape) (default 40)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the placements (default 0)")
+    ap.add_argument("--size", type=parse_size, default=(SIZE, SIZE), help=f"canvas WIDTHxHEIGHT (default {SIZE}x{SIZE})")
     args = ap.parse_args(argv)
-    train = write_dataset(args.out, args.per_layout, args.per_object, args.seed)
+    train = write_dataset(args.out, args.per_layout, args.per_object, args.seed, *args.size)
     print(f"wrote {len(list(train.glob('*.png')))} images to {train} and {len(heldout_prompts())} held-out prompts")
 
 
