@@ -34,6 +34,7 @@ sampling defaults (steps, guidance) apply unless a flag says otherwise.
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,10 @@ def generate(pipe, prompts: list[str], seeds: Sequence[int], steps: int | None =
     """(prompt, image (3, H, W) in [0, 1]) for every prompt and seed, seed-major, at size (width, height)
     (default: the model's). The model's other sampling defaults (guidance, steps unless given) apply."""
     width, height = size or default_size(pipe)
+    weight = next(pipe.transformer.parameters())
+    if weight.device.type == "cpu" and weight.dtype != torch.float32:
+        warnings.warn(f"the transformer runs in {weight.dtype} on the CPU, several times slower than float32 there: "
+                      "load the pipeline with benchmarks.compbench.load (or dtype=torch.float32)", stacklevel=2)
     f, z = pipe.autoencoder.params.downscale, pipe.autoencoder.params.z_channels
     jobs = [(p, s) for s in seeds for p in prompts]
     out = []

@@ -1,5 +1,5 @@
-"""The compositional evaluator: ground-truth renders score 1.0 in every category, wrong pictures score
-low in exactly the category they get wrong."""
+"""The compositional evaluator: ground-truth renders score 1.0 in every category and size, wrong pictures score
+low in exactly the category they get wrong; bootstrap intervals against known answers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import random
 import pytest
 import torch
 
-from benchmarks.compbench import CATEGORIES, MIN_AREA, find, labels, largest_region, relation_holds, score, summarize
+from benchmarks.compbench import (CATEGORIES, MIN_AREA, find, generate, labels, largest_region, load, relation_holds,
+                                  score, summarize)
 from benchmarks.stats import bootstrap_mean, category_intervals, paired_differences
+from sampling import default_model, load_pipeline
 from scripts.scenes import COLORS, Obj, Scene, heldout_prompts, render, to_tensor, training_scenes
 
 
@@ -138,3 +140,11 @@ def test_paired_difference_intervals():
     assert (d.high - d.low) / 2 == pytest.approx(1.96 * math.sqrt(0.5 / 300), rel=0.2)  # var of a difference: 1/2
     with pytest.raises(ValueError, match="same items"):
         paired_differences(base, other[:-1], CATEGORIES)
+
+
+def test_load_is_float32_on_the_cpu_and_half_precision_is_warned_of():
+    assert next(load().transformer.parameters()).dtype == torch.float32
+    half = load_pipeline(default_model())  # the file's own dtype
+    assert next(half.transformer.parameters()).dtype == torch.float16
+    with pytest.warns(UserWarning, match="float16 on the CPU"):
+        generate(half, ["a red circle"], [0], steps=1)
