@@ -14,7 +14,8 @@ and places better in the shipped tiny model (assets/tiny-flux)?
 3. Scores the images with benchmarks/compbench.py: per category the mean over the (prompt, seed) items
    with its 95% bootstrap interval, and the paired difference to the plain row (gamma 1, no LoRA: the
    same items) with its interval (benchmarks/stats.py); prints the table and writes it to the section
-   "TACA in miniature (CPU)" of benchmarks/RESULTS.md (the other sections are kept).
+   "TACA in miniature (CPU)" of benchmarks/RESULTS.md ("TACA in miniature (CPU, 64x32)" at a size other
+   than the model's default; the other sections are kept).
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ def format_row(r: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def section(size: tuple[int, int], default: tuple[int, int]) -> str:
+    """The RESULTS.md heading: SECTION at the model's default size, "## TACA in miniature (CPU, 64x32)" at
+    another (so runs at several sizes keep their own sections)."""
+    return SECTION if size == default else f"{SECTION[:-1]}, {size[0]}x{size[1]})"
+
+
 def describe(r: dict) -> str:
     if r["until"] is None:
         return "plain attention"
@@ -150,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     start = time.perf_counter()
     model = args.model or str(default_model())
-    width, height = size = args.size or default_size(load(model))
+    default = default_size(load(model))
+    width, height = size = args.size or default
     lora = None
     if args.lora_steps:
         lora = train_lora(model, args.work, args.lora_steps, args.seed, size)
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"paper's recipe), trained on scenes drawn at {width}x{height}, on in the TACA steps only."
                  if lora else "No TACA LoRA (`--lora-steps 0`).")
     text = (
-        f"{SECTION}\n\n"
+        f"{section(size, default)}\n\n"
         f"The model {'assets/tiny-flux' if args.model is None else args.model} at {width}x{height} on the {n} "
         f"held-out prompts of scripts/scenes.py (layouts never seen in training), {args.seeds} seed(s) each "
         f"({n * args.seeds} images per row, the same initial noise in every row), scored by "

@@ -49,6 +49,8 @@ def test_taca_toy_rows_are_intervals_and_paired_differences(monkeypatch, results
     taca_toy.main(["--seeds", "2", "--steps", "2", "--gammas", "1.5", "--untils", "0.5", "0", "--lora-steps", "0"])
     text = results_file.read_text()
     assert text.startswith("# Benchmark results\n\n## Other\n\nkept\n\n## TACA in miniature (CPU)\n")
+    assert taca_toy.section((32, 32), (32, 32)) == taca_toy.SECTION
+    assert taca_toy.section((64, 32), (32, 32)) == "## TACA in miniature (CPU, 64x32)"
     assert "No TACA LoRA" in text and "at 32x32 on the 6 held-out prompts" in text
     last = next(line for line in text.splitlines() if line.startswith("| 1.5 | 0 | no |"))
     cells = [c.strip() for c in last.strip("|").split("|")]
