@@ -15,18 +15,26 @@ T2I-CompBench (arXiv 2307.06350; there a VQA model or a detector scores them):
            (the displacement along the relation's axis has the right sign and is the larger one);
 - all:     1 if every object is found with its shape and the relation holds.
 
-A category's score is its mean over prompts (spatial: over two-object prompts). Ground-truth renders
-score 1.0 in every category (tests/test_compbench.py).
+A category's score is its mean over the (prompt, seed) items (spatial: over two-object prompts), with
+its 95% bootstrap interval (benchmarks/stats.py). Ground-truth renders score 1.0 in every category, at
+32x32 and at other sizes (tests/test_compbench.py).
 
-    python -m benchmarks.compbench [--model FOLDER] [--seeds 3] [--steps 20] [--taca 1.2 --taca-until 0.97] [--lora FILE]
+Other sizes: a scene at W x H draws its shapes scaled by k = min(W, H) / 32 (scripts/scenes.py), so the
+smallest region that counts is MIN_AREA * k**2 pixels (not scaled by the canvas area: a 64x32 canvas has
+shapes of the 32x32 size).
 
-samples the held-out prompts of scripts/scenes.py with the model (default: the shipped tiny one)
-and prints the scores.
+    python -m benchmarks.compbench [--model FOLDER] [--size WxH] [--seeds 3] [--steps 20] [--taca 1.2 --taca-until 0.97] [--lora FILE]
+
+samples the held-out prompts of scripts/scenes.py with the model (default: the shipped tiny one) at
+its default size (or `--size`) and prints the scores. The pipeline runs in float32 on the CPU (`load`:
+float16 and bfloat16 matmuls are several times slower there), as `mmdit sample` runs it; the model's
+sampling defaults (steps, guidance) apply unless a flag says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +45,14 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 import convert
-from sampling import TacaSchedule, load_pipeline
+from benchmarks.stats import category_intervals
+from sampling import Pipeline, TacaSchedule, load_pipeline
 from sampling import default_model
+from sampling.cli import DTYPES, parse_size
 from scripts.scenes import BACKGROUND, COLORS, SHAPES, SIZE, draw_shape, heldout_prompts, parse
 
 MAX_DISTANCE = 0.35  # RGB distance in [0, 1] units within which a pixel takes a palette color
-MIN_AREA = 12  # pixels (at 32x32) of the smallest region that counts as an object
+MIN_AREA = 12  # pixels (shapes of the 32x32 size) of the smallest region that counts as an object
 MIN_IOU = 0.6  # a region is a shape if it overlaps the shape drawn in its bounding box this much
 MAX_ASPECT = 1.6  # longer over shorter bounding-box side; beyond it, no shape of ours
 CATEGORIES = ("color", "shape", "spatial", "all")
@@ -118,11 +128,12 @@ def largest_region(mask: list[list[bool]]) -> list[tuple[int, int]]:
 
 
 def find(label_map: Tensor, color: str) -> Region | None:
-    """The largest region of `color` in a label map, or None if it is smaller than MIN_AREA (scaled to the size)."""
-    k = 1 + list(COLORS).index(color)
-    pixels = largest_region((label_map == k).tolist())
-    H, W = label_map.shape
-    if len(pixels) < MIN_AREA * H * W / SIZE**2:
+    """The largest region of `color` in a label map (H, W), or None if it is smaller than MIN_AREA * k**2 pixels,
+    k = min(H, W) / SIZE the scale scripts/scenes.py draws shapes at on that canvas."""
+    label = 1 + list(COLORS).index(color)
+    pixels = largest_region((label_map == label).tolist())
+    k = min(label_map.shape) / SIZE
+    if len(pixels) < MIN_AREA * k**2:
         return None
     ys, xs = [p[0] for p in pixels], [p[1] for p in pixels]
     return Region(len(pixels), sum(xs) / len(xs), sum(ys) / len(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1,
@@ -169,34 +180,64 @@ def seed_noise(shape: tuple[int, ...], seed: int) -> Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def load(model: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
+    """The pipeline of `model` (default: the shipped tiny one) on `device`, in `dtype`: default float32 on
+    the CPU (the file's float16 runs its linear layers about 4x slower there), bfloat16 elsewhere, as
+    `mmdit sample` chooses (sampling/cli.py)."""
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return load_pipeline(model or default_model(), device=device, dtype=dtype)
+
+
+def default_size(pipe: Pipeline) -> tuple[int, int]:
+    """(width, height): the model's default image size (its sampling_defaults)."""
+    return pipe.defaults.size, pipe.defaults.size
+
+
 def generate(pipe, prompts: list[str], seeds: Sequence[int], steps: int | None = None, temperature=None,
-             batch: int = 256) -> list[tuple[str, Tensor]]:
-    """(prompt, image (3, H, W) in [0, 1]) for every prompt and seed, with the pipeline's default size."""
-    size = pipe.defaults.size
+             batch: int = 256, size: tuple[int, int] | None = None) -> list[tuple[str, Tensor]]:
+    """(prompt, image (3, H, W) in [0, 1]) for every prompt and seed, seed-major, at size (width, height)
+    (default: the model's). The model's other sampling defaults (guidance, steps unless given) apply."""
+    width, height = size or default_size(pipe)
+    weight = next(pipe.transformer.parameters())
+    if weight.device.type == "cpu" and weight.dtype != torch.float32:
+        warnings.warn(f"the transformer runs in {weight.dtype} on the CPU, several times slower than float32 there: "
+                      "load the pipeline with benchmarks.compbench.load (or dtype=torch.float32)", stacklevel=2)
     f, z = pipe.autoencoder.params.downscale, pipe.autoencoder.params.z_channels
     jobs = [(p, s) for s in seeds for p in prompts]
     out = []
     for i in range(0, len(jobs), batch):
         chunk = jobs[i : i + batch]
-        noise = torch.stack([seed_noise((z, size // f, size // f), s) for _, s in chunk])
-        images = pipe.generate([p for p, _ in chunk], height=size, width=size, steps=steps, noise=noise,
+        noise = torch.stack([seed_noise((z, height // f, width // f), s) for _, s in chunk])  # (B, z, H/f, W/f)
+        images = pipe.generate([p for p, _ in chunk], height=height, width=width, steps=steps, noise=noise,
                                temperature=temperature, output="tensor")
         out += [(p, im) for (p, _), im in zip(chunk, images)]
     return out
 
 
-def evaluate(pipe, prompts: list[str], seeds: Sequence[int], steps: int | None = None, temperature=None) -> dict[str, float]:
-    """Category scores of the pipeline on the prompts, one image per prompt and seed."""
-    return summarize([score(im, p) for p, im in generate(pipe, prompts, seeds, steps, temperature)])
+def score_items(pipe, prompts: list[str], seeds: Sequence[int], steps: int | None = None, temperature=None,
+                size: tuple[int, int] | None = None) -> list[dict[str, float | None]]:
+    """The scores of every (prompt, seed) item, seed-major (the same order for every setting: pairable)."""
+    return [score(im, p) for p, im in generate(pipe, prompts, seeds, steps, temperature, size=size)]
 
 
-def format_scores(scores: dict[str, float]) -> str:
-    return "  ".join(f"{c} {scores[c]:.3f}" for c in CATEGORIES)
+def evaluate(pipe, prompts: list[str], seeds: Sequence[int], steps: int | None = None, temperature=None,
+             size: tuple[int, int] | None = None) -> dict[str, float]:
+    """Category scores of the pipeline on the prompts, one image per prompt and seed, at size (width, height)."""
+    return summarize(score_items(pipe, prompts, seeds, steps, temperature, size))
+
+
+def format_scores(scores: dict) -> str:
+    """"color 0.412  shape ..." for means, "color 0.412 [0.37, 0.45]  ..." for intervals (benchmarks/stats.py)."""
+    return "  ".join(f"{c} {scores[c]:.3f}" if isinstance(scores[c], float) else f"{c} {scores[c]}" for c in CATEGORIES)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compbench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="model folder (default: the shipped tiny model)")
+    ap.add_argument("--size", type=parse_size, metavar="WxH", help="image size (default: the model's)")
+    ap.add_argument("--device", default="cpu", help="default cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on the CPU, bf16 elsewhere")
     ap.add_argument("--seeds", type=int, default=3, help="images per prompt, seeds 0..N-1 (default 3)")
     ap.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     ap.add_argument("--taca", type=float, metavar="GAMMA", help="TACA temperature (default: none, plain attention)")
@@ -205,13 +246,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lora", type=Path, help="a LoRA to apply (gated to the TACA steps when --taca is given)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    pipe = load_pipeline(args.model or default_model(), dtype=torch.float32)
+    pipe = load(args.model, args.device, args.dtype and DTYPES[args.dtype])
     if args.lora:
         convert.load_lora(pipe.transformer, args.lora)
     taca = None if args.taca is None else TacaSchedule(args.taca, args.taca_until)
     prompts = heldout_prompts()
-    scores = evaluate(pipe, prompts, range(args.seeds), args.steps, taca)
-    print(f"{len(prompts)} held-out prompts x {args.seeds} seeds: {format_scores(scores)}")
+    width, height = args.size or default_size(pipe)
+    items = score_items(pipe, prompts, range(args.seeds), args.steps, taca, (width, height))
+    print(f"{len(prompts)} held-out prompts x {args.seeds} seeds at {width}x{height}, mean [95% interval]: "
+          f"{format_scores(category_intervals(items, CATEGORIES))}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
-"""The compositional evaluator: ground-truth renders score 1.0 in every category, wrong pictures score
-low in exactly the category they get wrong."""
+"""The compositional evaluator: ground-truth renders score 1.0 in every category and size, wrong pictures score
+low in exactly the category they get wrong; bootstrap intervals against known answers."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 
+import pytest
 import torch
 
-from benchmarks.compbench import find, labels, largest_region, relation_holds, score, summarize
-from scripts.scenes import Obj, Scene, heldout_prompts, render, to_tensor, training_scenes
+from benchmarks.compbench import (CATEGORIES, MIN_AREA, find, generate, labels, largest_region, load, relation_holds,
+                                  score, summarize)
+from benchmarks.stats import bootstrap_mean, category_intervals, paired_differences
+from sampling import default_model, load_pipeline
+from scripts.scenes import COLORS, Obj, Scene, heldout_prompts, render, to_tensor, training_scenes
 
 
 def image(scene: Scene) -> torch.Tensor:
@@ -73,3 +79,72 @@ def test_regions_shapes_and_relations():
     # the same scene drawn 8x larger scores the same (areas scale with the image)
     big = torch.nn.functional.interpolate(image(s)[None], scale_factor=8, mode="nearest")[0]
     assert score(big, s.caption) == score(image(s), s.caption) == {"color": 1.0, "shape": 1.0, "spatial": 1.0, "all": 1.0}
+
+
+@pytest.mark.parametrize("width, height", [(64, 64), (64, 32), (32, 64), (96, 64)])
+def test_ground_truth_scores_one_at_other_sizes(width, height):
+    scenes = training_scenes(per_layout=1, per_object=1, seed=5, width=width, height=height)[::5]
+    assert len(scenes) > 100 and image(scenes[0]).shape == (3, height, width)
+    scores = [score(image(s), s.caption) for s in scenes]
+    assert summarize(scores) == {"color": 1.0, "shape": 1.0, "spatial": 1.0, "all": 1.0}
+
+
+def test_min_area_scales_with_the_shape_scale_not_the_canvas():
+    """MIN_AREA * k**2 pixels, k = min(W, H) / 32: a region one pixel short of it is no object, one at it is."""
+    red = 1 + list(COLORS).index("red")
+    for (height, width), k in (((32, 32), 1), ((32, 64), 1), ((64, 32), 1), ((64, 64), 2), ((64, 96), 2)):
+        need = MIN_AREA * k**2
+        for area, found in ((need - 1, False), (need, True)):
+            label_map = torch.full((height, width), -1)
+            label_map.view(-1)[:area] = red  # a run of pixels along the first rows: one 4-connected region
+            assert (find(label_map, "red") is not None) == found, (height, width, area)
+
+
+def test_bootstrap_interval_of_constant_data_has_zero_width():
+    iv = bootstrap_mean([0.5] * 40)
+    assert (iv.mean, iv.low, iv.high, iv.n) == (0.5, 0.5, 0.5, 40)
+    assert iv.excludes_zero() and not bootstrap_mean([0.0] * 5).excludes_zero()
+    assert str(iv) == "0.500 [0.50, 0.50]"
+
+
+def test_bootstrap_interval_of_bernoulli_matches_the_normal_approximation():
+    p, n = 0.3, 2000
+    g = torch.Generator().manual_seed(11)
+    x = (torch.rand(n, generator=g) < p).double().tolist()
+    iv = bootstrap_mean(x, seed=3)
+    assert iv.low < p < iv.high and iv.low < iv.mean < iv.high
+    half = 1.96 * math.sqrt(p * (1 - p) / n)  # the normal approximation's half-width
+    assert (iv.high - iv.low) / 2 == pytest.approx(half, rel=0.2)
+    assert iv == bootstrap_mean(x, seed=3)  # seeded: the same data gives the same interval
+    assert math.isnan(bootstrap_mean([]).mean) and bootstrap_mean([]).n == 0
+
+
+def test_paired_difference_intervals():
+    rng = random.Random(0)
+    base = [{"color": rng.random(), "shape": float(rng.random() < 0.5), "spatial": None, "all": 0.0} for _ in range(300)]
+    # every item 0.1 higher in color: the paired interval is exactly [0.1, 0.1], though the items spread
+    # over [0, 1] (two separate intervals overlap widely)
+    other = [dict(b, color=b["color"] + 0.1) for b in base]
+    diff = paired_differences(base, other, CATEGORIES)
+    assert diff["color"].mean == pytest.approx(0.1) and diff["color"].high - diff["color"].low < 1e-12
+    assert diff["color"].excludes_zero() and diff["color"].signed() == "+0.100 [+0.10, +0.10]"
+    assert (diff["shape"].low, diff["shape"].high) == (0.0, 0.0) and not diff["shape"].excludes_zero()
+    assert diff["spatial"].n == 0 and math.isnan(diff["spatial"].mean)  # no item scores it
+    separate = category_intervals(base, CATEGORIES)["color"]
+    assert separate.high - separate.low > 0.05
+    # independent Bernoulli(0.5) flips of shape: the mean difference's interval is that of the differences
+    flipped = [dict(b, shape=float(rng.random() < 0.5)) for b in base]
+    d = paired_differences(base, flipped, CATEGORIES)["shape"]
+    diffs = [f["shape"] - b["shape"] for b, f in zip(base, flipped)]
+    assert d == bootstrap_mean(diffs)
+    assert (d.high - d.low) / 2 == pytest.approx(1.96 * math.sqrt(0.5 / 300), rel=0.2)  # var of a difference: 1/2
+    with pytest.raises(ValueError, match="same items"):
+        paired_differences(base, other[:-1], CATEGORIES)
+
+
+def test_load_is_float32_on_the_cpu_and_half_precision_is_warned_of():
+    assert next(load().transformer.parameters()).dtype == torch.float32
+    half = load_pipeline(default_model())  # the file's own dtype
+    assert next(half.transformer.parameters()).dtype == torch.float16
+    with pytest.warns(UserWarning, match="float16 on the CPU"):
+        generate(half, ["a red circle"], [0], steps=1)
