@@ -51,7 +51,7 @@ RECIPE = dict(train="full", resolution=scenes.SIZE, batch_size=64, steps=3000, l
               mixed_precision="no", device="cpu", checkpoint_every=500, seed=0)
 # stage 2, several sizes: from stage 1's weights, each image at its own size (one size per batch), and one
 # caption in ten dropped to the empty one so that the model also learns the unconditional velocity (true CFG)
-RECIPE_SIZES = dict(train="full", native_size=True, batch_size=32, steps=2400, lr=5e-4, warmup_steps=50,
+RECIPE_SIZES = dict(train="full", native_size=True, batch_size=32, steps=3500, lr=5e-4, warmup_steps=50,
                     lr_schedule="cosine", weight_decay=0.0, timesteps="uniform", caption_dropout=0.1, taca_gamma=1.0,
                     dtype="float32", mixed_precision="no", device="cpu", checkpoint_every=250, seed=0)
 # stage 2's scenes: (width, height) -> (placements per training caption, single objects per (color, shape));
