@@ -1,20 +1,26 @@
 """Build and train the tiny FLUX-architecture model shipped in assets/tiny-flux (the default of `mmdit sample`).
 
-    python -m scripts.train_tiny                # the recorded run: dataset, initial model, training, assets/tiny-flux
+    python -m scripts.train_tiny                # the recorded run: data, initial model, two stages, assets/tiny-flux
 
 Every part is the project's own code at toy size, in a Diffusers-style folder that `load_pipeline` reads:
 - `transformer/`: `mmdit.flux.Flux` (BFL keys), 48 input channels (2x2 patches of 12), no guidance
-  embedding; trained from a seeded random init by `training.train` with `train="full"`;
+  embedding; trained from a seeded random init by `training.train` with `train="full"`, in two stages:
+  1. `RECIPE`: 32x32 scenes only;
+  2. `RECIPE_SIZES`: from stage 1's weights, scenes at the four `SIZES` (32x32, 64x64, 64x32, 32x64), each
+     image at its own size (`native_size`), one caption in ten dropped to the empty one (`caption_dropout`)
+     so that the model samples with true CFG against the empty caption (`SAMPLING_DEFAULTS`);
 - `text_encoder_2/` + `tokenizer_2/`: a 2-layer T5 v1.1 encoder (`mmdit.t5`, Hugging Face keys), random
   and frozen, with a word-level sentencepiece model of the captions' 16 words. Its relative-position
   bias is drawn large so each word's state carries its neighbours (which color goes with which shape)
   and its place in the caption (which object comes first): FLUX gives every text token position 0;
 - no CLIP (`model_index.json` marks `text_encoder` null): the pooled vector is zeros, so the text
   reaches the image through the joint attention only, exactly where TACA acts;
-- `vae/`: the weightless `PixelCodec` (mmdit/pixel_codec.py): 32x32 images are 12x16x16 latents.
+- `vae/`: the weightless `PixelCodec` (mmdit/pixel_codec.py): W x H images are 12 x H/2 x W/2 latents.
 
 Data: scripts/scenes.py (the held-out layouts never appear). Everything is seeded; on another
 machine the same command gives the same data and, up to floating-point summation order, the same model.
+`--stage1 FOLDER` starts stage 2 from a finished stage-1 model folder (how the shipped weights were made:
+from the previous version of assets/tiny-flux, stage 1's output).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ SIZES = {(32, 32): (6, 30), (64, 64): (2, 10), (64, 32): (1, 5), (32, 64): (1, 5
 # model_index.json's: `mmdit sample` draws 32x32 by default, shown 8x, with true CFG against the empty
 # caption; sizes other than those trained at warn
 STAGE1_DEFAULTS = {"steps": 20, "guidance": 0.0, "size": scenes.SIZE, "upscale": 8, "trained_sizes": ["32x32"]}
-SAMPLING_DEFAULTS = {"steps": 20, "guidance": 0.0, "size": scenes.SIZE, "upscale": 8, "true_cfg": 3.0, "negative": "",
+SAMPLING_DEFAULTS = {"steps": 20, "guidance": 0.0, "size": scenes.SIZE, "upscale": 8, "true_cfg": 4.5, "negative": "",
                      "trained_sizes": [f"{w}x{h}" for w, h in SIZES]}
 
 

@@ -18,7 +18,7 @@ from sampling import load_pipeline
 from sampling.cli import main
 from sampling.loading import DEFAULT_MODEL
 from sampling.pipeline import DEFAULTS
-from scripts.train_tiny import RECIPE, all_captions
+from scripts.train_tiny import SAMPLING_DEFAULTS, all_captions
 
 PROMPT = "a red circle to the left of a blue square"
 TOKENIZER = DEFAULT_MODEL / "tokenizer_2"
@@ -104,19 +104,22 @@ def test_the_tokenizer_config_says_which_tokenizer(tmp_path):
 
 def test_a_size_it_was_not_trained_at_warns_naming_the_sizes_it_was():
     pipe = load_pipeline(DEFAULT_MODEL, dtype=torch.float32)
-    side = RECIPE["resolution"]
-    assert pipe.defaults.trained_sizes == ((side, side),) and DEFAULTS["flux-dev"].trained_sizes == ()
-    _, messages = recorded(lambda: pipe.generate(PROMPT, steps=1, output="latent"))
-    assert messages == []
+    trained = SAMPLING_DEFAULTS["trained_sizes"]  # "32x32", "64x64", "64x32", "32x64"
+    assert pipe.defaults.trained_sizes == tuple(tuple(map(int, s.split("x"))) for s in trained)
+    assert DEFAULTS["flux-dev"].trained_sizes == ()
+    for width, height in pipe.defaults.trained_sizes:
+        _, messages = recorded(lambda: pipe.generate(PROMPT, height=height, width=width, steps=1, output="latent"))
+        assert messages == []
     latents, messages = recorded(lambda: pipe.generate(PROMPT, height=48, width=64, steps=1, output="latent"))
     assert latents.shape == (1, 12, 24, 32)  # drawn, at the size asked for
-    assert messages == [f"{DEFAULT_MODEL} was trained at 32x32 only (WIDTHxHEIGHT; sampling_defaults.trained_sizes in "
-                        "its model_index.json): at 64x48 it draws poorly, often an almost blank canvas"]
+    assert messages == [f"{DEFAULT_MODEL} was trained at {', '.join(trained)} only (WIDTHxHEIGHT; "
+                        "sampling_defaults.trained_sizes in its model_index.json): at 64x48 it draws poorly, often an "
+                        "almost blank canvas"]
 
 
 def test_mmdit_sample_at_another_size_warns(tmp_path):
-    with pytest.warns(UserWarning, match=r"trained at 32x32 only .* at 64x64 it draws poorly"):
-        assert main(["sample", PROMPT, "--size", "64x64", "--steps", "1", "-o", str(tmp_path / "x.png")]) == 0
+    with pytest.warns(UserWarning, match=r"trained at 32x32, 64x64, 64x32, 32x64 only .* at 48x48 it draws poorly"):
+        assert main(["sample", PROMPT, "--size", "48x48", "--steps", "1", "-o", str(tmp_path / "x.png")]) == 0
     assert (tmp_path / "x.png").is_file()
 
 

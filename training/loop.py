@@ -227,7 +227,7 @@ def train(
         log.warning("no checkpoint in %s: starting from step 0", ckpt_dir)
     if cfg.resolution is None:
         cfg = dataclasses.replace(cfg, resolution=native_resolution(cfg.model))
-        if rank == 0:
+        if rank == 0 and not cfg.native_size:  # with native_size each image keeps its own size
             log.info("resolution %d: the model's own size (--resolution to change it)", cfg.resolution)
     if rank == 0:
         remove_stale_files(cfg)
