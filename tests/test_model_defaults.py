@@ -37,9 +37,10 @@ def tiny_copy(folder: Path, **settings) -> Path:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """{"plain": the tiny model as shipped (a copy), "cfg": with "true_cfg": 3.0, "cfg-negative": and a negative}."""
+    """{"plain": the tiny model without true CFG (a copy; as shipped it has true CFG 4.5), "cfg": with "true_cfg": 3.0,
+    "cfg-negative": and a negative}."""
     work = tmp_path_factory.mktemp("model-defaults")
-    return {"plain": tiny_copy(work / "plain"), "cfg": tiny_copy(work / "cfg", true_cfg=3.0),
+    return {"plain": tiny_copy(work / "plain", true_cfg=1.0, negative=""), "cfg": tiny_copy(work / "cfg", true_cfg=3.0),
             "cfg-negative": tiny_copy(work / "cfg-negative", true_cfg=3.0, negative=NEGATIVE)}
 
 
@@ -168,7 +169,7 @@ def test_prompt_file_lines_keep_their_negative_under_the_models_true_cfg(folders
     ({"true_cfg": True}, "true_cfg is True, expected a finite number >= 1"),
     ({"true_cfg": 3.0, "negative": 3}, "negative is 3, expected a string"),
     ({"true_cfg": 3.0, "negative": None}, "negative is None, expected a string"),
-    ({"negative": NEGATIVE}, f"negative is '{NEGATIVE}' but true_cfg is 1: the negative prompt is used only with true"),
+    ({"true_cfg": 1.0, "negative": NEGATIVE}, f"negative is '{NEGATIVE}' but true_cfg is 1: the negative prompt is used only with true"),
 ])
 def test_bad_true_cfg_settings_name_the_file_and_the_setting(tmp_path, settings, message):
     model = tiny_copy(tmp_path / "tiny", **settings)

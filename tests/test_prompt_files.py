@@ -67,7 +67,7 @@ def test_one_png_per_prompt_and_seed_with_its_settings(tmp_path, one_thread):
         assert image.text == {
             "prompt": r["prompt"], "model": str(default_model()), "variant": pipe.variant, "steps": "2",
             "seed": str(r["seed"]), "taca": "gamma=1.2 until t=0.97", "size": "32x32",
-            "version": f"taca-mmdit {version()}"}
+            "version": f"taca-mmdit {version()}", "negative": "", "true_cfg": "4.5"}  # the model's own true CFG
         assert r == {"index": r["index"], "prompt": r["prompt"], "seed": r["seed"], "file": r["file"],
                      **{k: v for k, v in image.text.items() if k not in ("prompt", "seed")},
                      "layout": "index", "batch_size": 1}

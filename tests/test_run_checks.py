@@ -189,8 +189,8 @@ def test_generate_warns_of_arguments_that_do_nothing():
     pipe = load_pipeline(DEFAULT_MODEL)
     with pytest.warns(UserWarning, match="guidance does nothing here: this FLUX model takes no distilled guidance"):
         pipe.generate(PROMPT, steps=1, guidance=5.0, output="latent")
-    with pytest.warns(UserWarning, match="negative_prompt does nothing here"):
-        pipe.generate(PROMPT, steps=1, negative_prompt="blurry", output="latent")
+    with pytest.warns(UserWarning, match="negative_prompt does nothing here"):  # true CFG turned off
+        pipe.generate(PROMPT, steps=1, negative_prompt="blurry", true_cfg=1.0, output="latent")
 
 
 # ---- NaN and Inf: an error naming where, never a black image ----

@@ -330,7 +330,7 @@ def empty_caption(cache_dir: str | Path, tag: str, get_encoders: Callable[[], En
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             context, pooled = get_encoders().encode_prompts([""])  # (1, L, D), (1, P) or None
-        tensors = {"context": context[0]} | ({"pooled": pooled[0]} if pooled is not None else {})
+        tensors = {"context": context[0].cpu()} | ({"pooled": pooled[0].cpu()} if pooled is not None else {})
         with writing(path):
             save_safetensors_atomic(tensors, path, {"caption": "", "tag": tag})
     dist.barrier()
