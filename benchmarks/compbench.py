@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="TACA while t >= T (default 0.97)")
     ap.add_argument("--lora", type=Path, help="a LoRA to apply (gated to the TACA steps when --taca is given)")
     args = ap.parse_args(argv)
+    if args.seeds < 1 or (args.steps is not None and args.steps < 1):
+        ap.error("--seeds and --steps must be at least 1")
     torch.manual_seed(0)
     pipe = load(args.model, args.device, args.dtype and DTYPES[args.dtype])
     if args.lora:

@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from benchmarks.compbench import (CATEGORIES, MIN_AREA, find, generate, labels, largest_region, load, relation_holds,
-                                  score, summarize)
+from benchmarks.compbench import (CATEGORIES, MIN_AREA, find, generate, labels, largest_region, load, main,
+                                  relation_holds, score, summarize)
 from benchmarks.stats import bootstrap_mean, category_intervals, paired_differences
 from sampling import default_model, load_pipeline
 from scripts.scenes import COLORS, Obj, Scene, heldout_prompts, render, to_tensor, training_scenes
@@ -148,3 +148,11 @@ def test_load_is_float32_on_the_cpu_and_half_precision_is_warned_of():
     assert next(half.transformer.parameters()).dtype == torch.float16
     with pytest.warns(UserWarning, match="float16 on the CPU"):
         generate(half, ["a red circle"], [0], steps=1)
+
+
+@pytest.mark.parametrize("flag", [["--seeds", "0"], ["--steps", "0"]])
+def test_main_refuses_no_images(flag, capsys):
+    """No seed or no step would score nothing (NaN): an error before any work, exit status 2."""
+    with pytest.raises(SystemExit) as stop:
+        main(flag)
+    assert stop.value.code == 2 and "--seeds and --steps must be at least 1" in capsys.readouterr().err
